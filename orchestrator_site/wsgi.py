@@ -1,0 +1,8 @@
+"""WSGI entry point for the web process."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
+application = get_wsgi_application()

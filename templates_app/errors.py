@@ -1,0 +1,62 @@
+"""Errors raised while loading, validating and evaluating workflow files.
+
+Both are ``ValueError`` subclasses whose ``str()`` is always ONE line, so a management command can
+print it as is (``CommandError(str(exc))``) and an API can return it in a JSON field.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["ExpressionError", "WorkflowError", "one_line"]
+
+_WHITESPACE = re.compile(r"\s+")
+_MAX_MESSAGE = 1000
+
+
+def one_line(text: object, limit: int = _MAX_MESSAGE) -> str:
+    """``text`` as a single line: runs of whitespace (newlines included) become one space.
+
+    Messages longer than ``limit`` characters are cut and end with an ellipsis.
+    """
+    line = _WHITESPACE.sub(" ", str(text)).strip()
+    if len(line) > limit:
+        line = line[: limit - 3].rstrip() + "..."
+    return line
+
+
+class WorkflowError(ValueError):
+    """A workflow file (or the inputs of a run) is wrong.
+
+    ``str(exc)`` is one line: ``"<source>: step '<id>': <problem>"``, where the source and step
+    parts are present when known (``source`` is the file name or ``"<string>"``).
+
+    Attributes:
+        problem: the problem alone, without source and step.
+        source: the file the problem was found in, or None.
+        step: the id of the step concerned, or None.
+    """
+
+    def __init__(self, problem: object, *, source: str | None = None, step: str | None = None) -> None:
+        self.problem = one_line(problem)
+        self.source = source
+        self.step = step
+        parts = []
+        if source:
+            parts.append(one_line(source, 200))
+        if step is not None:
+            parts.append(f"step {one_line(step, 100)!r}")
+        parts.append(self.problem)
+        self.message = one_line(": ".join(parts))
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ExpressionError(WorkflowError):
+    """An expression cannot be parsed, refers to something undefined, or was refused by the sandbox.
+
+    Raised by :mod:`templates_app.expressions` at compile time (syntax) and at evaluation time
+    (undefined names, type errors, sandbox refusals). One line, like every WorkflowError.
+    """

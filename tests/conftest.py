@@ -1,0 +1,154 @@
+"""Shared fixtures: the real PostgreSQL test database, a real Celery worker process on Redis,
+a local agent HTTP server, and helpers to run workflows and wait for them.
+
+The worker is one ``celery worker`` process for the whole session, started against the test
+database and a queue name unique to the session (ORCHESTRATOR_QUEUE, set in test_settings), so
+stale messages of other runs never reach it. Tests that use it need committed rows: they take the
+``transactional_db`` fixture (through ``worker``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent_server import AgentServer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+#: A canary secret: it must never appear in traces, outputs, errors or logs.
+SERVICE_TOKEN = "tok-CANARY-5f3a9e"
+
+
+@pytest.fixture(scope="session")
+def agent_server():
+    server = AgentServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_env(agent_server, tmp_path_factory):
+    from django.db import connection
+
+    db = connection.settings_dict
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="orchestrator_site.settings",
+        DATABASE_URL=(
+            f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+        ),
+        ORCHESTRATOR_AGENTS_BASE_URL=agent_server.url,
+        ORCHESTRATOR_SERVICE_TOKEN=SERVICE_TOKEN,
+        ORCHESTRATOR_LLM_BASE_URL=f"{agent_server.url}/v1",
+        ORCHESTRATOR_DATA_DIR=str(tmp_path_factory.mktemp("worker-data")),
+        ORCHESTRATOR_LOG_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker, worker_env, tmp_path_factory):
+    """One real ``celery worker`` process (prefork, 4 children) for the session."""
+    from django.conf import settings
+
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "orchestrator_site",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "4",
+            "-Q",
+            settings.CELERY_TASK_DEFAULT_QUEUE,
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"test-{os.getpid()}@%h",
+            "-l",
+            "INFO",
+        ],
+        cwd=ROOT,
+        env=worker_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if b"ready." in log_path.read_bytes():
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(f"celery worker exited: {log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    else:
+        raise RuntimeError(f"celery worker did not start: {log_path.read_text()[-3000:]}")
+    proc.log_path = log_path
+    yield proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    import redis
+
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).delete(settings.CELERY_TASK_DEFAULT_QUEUE)
+
+
+@pytest.fixture
+def worker(celery_worker_process, transactional_db, agent_server, settings):
+    """A test that needs the real worker: committed rows, a clean agent server log."""
+    agent_server.reset()
+    settings.ORCHESTRATOR_AGENTS_BASE_URL = agent_server.url
+    settings.ORCHESTRATOR_SERVICE_TOKEN = SERVICE_TOKEN
+    yield celery_worker_process
+
+
+def wait_for_run(run_id, timeout: float = 60.0, sweep: bool = False):
+    """Poll until the run is terminal; returns the Run. Fails the test on timeout."""
+    from runs import engine
+    from runs.choices import RUN_TERMINAL
+    from runs.models import Run
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = Run.objects.get(pk=run_id)
+        if run.status in RUN_TERMINAL:
+            return run
+        if sweep:
+            engine.sweep()
+        time.sleep(0.1)
+    steps = list(run.steps.values_list("step_id", "status", "error"))
+    pytest.fail(f"run {run_id} still {run.status} after {timeout} s: {steps}")
+
+
+def start(yaml_text: str, inputs: dict | None = None, **kwargs):
+    """Load a workflow from YAML text and start a run of it."""
+    from runs import engine
+    from templates_app.spec import load_spec
+
+    return engine.start_run(load_spec(yaml_text, source="test.yaml"), inputs or {}, **kwargs)
+
+
+def run_to_end(yaml_text: str, inputs: dict | None = None, timeout: float = 60.0, **kwargs):
+    """Start a run and wait for it; returns (run, {step_id: Step}) for top-level steps."""
+    sweep = kwargs.pop("sweep", False)
+    run = start(yaml_text, inputs, **kwargs)
+    run = wait_for_run(run.pk, timeout=timeout, sweep=sweep)
+    steps = {s.step_id: s for s in run.steps.filter(parent__isnull=True)}
+    return run, steps

@@ -1,0 +1,184 @@
+"""``run_workflow`` and ``load_templates``: exit codes, --json, bad input, embedded mode, builtins."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from runs.models import Run, Step
+from templates_app.models import WorkflowTemplate
+from tests.conftest import ROOT, WORKFLOWS
+
+
+def run_command(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command(*args, stdout=out, stderr=err)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_run_workflow_json_with_external_worker(worker):
+    code, out, err = run_command("run_workflow", str(WORKFLOWS / "chain.yaml"), "--var", "greeting=hi", "--json")
+    assert code == 0, err
+    data = json.loads(out)  # exactly one JSON object
+    assert set(data) >= {"run_id", "status", "steps", "outputs"}
+    assert data["status"] == "succeeded"
+    assert data["outputs"] == {"said": "hi world"}
+    assert data["steps"]["second"] == {
+        "status": "succeeded",
+        "attempts": 1,
+        "output": {"said": "hi world"},
+        "error": None,
+    }
+    assert Run.objects.get(pk=data["run_id"]).trigger == "cli"
+
+
+def test_run_workflow_progress_and_failure_exit_1(worker):
+    code, out, err = run_command("run_workflow", str(WORKFLOWS / "fails.yaml"))
+    assert code == 1
+    assert "broken" in out and "dead" in out
+    assert "run " in out.splitlines()[-2] or "failed" in out
+
+
+BAD_FILES = {
+    "syntax.yaml": ("key: x\nsteps: [\n", "YAML"),
+    "unknown-type.yaml": ("key: x\nsteps:\n  - id: a\n    type: teleport\n", "teleport"),
+    "duplicate.yaml": ("key: x\nsteps:\n  - id: a\n    type: noop\n  - id: a\n    type: noop\n", "'a'"),
+    "unknown-dep.yaml": ("key: x\nsteps:\n  - id: a\n    type: noop\n    depends_on: [ghost]\n", "ghost"),
+    "cycle.yaml": (
+        "key: x\nsteps:\n  - id: a\n    type: noop\n    depends_on: [b]\n  - id: b\n    type: noop\n"
+        "    depends_on: [a]\n",
+        "cycle",
+    ),
+    "undefined-var.yaml": ("key: x\nsteps:\n  - id: a\n    type: noop\n    params: {v: '${nope}'}\n", "nope"),
+    "undefined-step.yaml": ("key: x\nsteps:\n  - id: a\n    type: noop\n    params: {v: '${steps.zz.output}'}\n", "zz"),
+    "bad-var-type.yaml": ("key: x\nvariables:\n  n: {type: integr}\nsteps:\n  - id: a\n    type: noop\n", "integr"),
+    "bad-duration.yaml": ("key: x\nsteps:\n  - id: a\n    type: noop\n    timeout: soon\n", "soon"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_file_one_line_error_nothing_saved(db, tmp_path, name):
+    text, fragment = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_text(text)
+    code, out, err = run_command("run_workflow", str(path))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert name in lines[0] and fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert Run.objects.count() == 0 and WorkflowTemplate.objects.count() == 0
+
+
+def test_missing_required_variable_exit_2(db, tmp_path):
+    path = tmp_path / "needs.yaml"
+    path.write_text(
+        "key: needs\nvariables:\n  who: {type: string, required: true}\nsteps:\n  - id: a\n    type: noop\n"
+    )
+    code, out, err = run_command("run_workflow", str(path))
+    assert code == 2 and "who" in err and len(err.strip().splitlines()) == 1
+    assert Run.objects.count() == 0
+    code, out, err = run_command("run_workflow", str(path), "--var", "oops")
+    assert code == 2 and "NAME=VALUE" in err
+
+
+def test_unknown_template_key_exit_2(db):
+    code, out, err = run_command("run_workflow", "no-such-template")
+    assert code == 2 and "no-such-template" in err
+
+
+def test_load_templates_idempotent_and_versions(db, tmp_path):
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("key: mine\nsteps:\n  - id: a\n    type: noop\n")
+    code, out, err = run_command("load_templates", str(folder))
+    assert code == 0, err
+    assert "created   mine v1" in out
+    assert WorkflowTemplate.objects.filter(key="package-audit").exists()
+    assert WorkflowTemplate.objects.filter(key="source-report").exists()
+    code, out, _ = run_command("load_templates", str(folder))
+    assert "unchanged mine v1" in out
+    (folder / "a.yaml").write_text("key: mine\nsteps:\n  - id: b\n    type: noop\n")
+    code, out, _ = run_command("load_templates", str(folder))
+    assert "updated   mine v2" in out
+    assert list(WorkflowTemplate.objects.filter(key="mine").values_list("version", flat=True)) == [2, 1]
+    # a bad file in the folder: nothing from the folder is saved
+    (folder / "b.yaml").write_text("key: other\nsteps:\n  - id: a\n    type: nope\n")
+    (folder / "a.yaml").write_text("key: mine\nsteps:\n  - id: c\n    type: noop\n")
+    code, out, err = run_command("load_templates", str(folder))
+    assert code == 2 and "b.yaml" in err
+    assert WorkflowTemplate.objects.filter(key="mine").count() == 2
+
+
+def test_builtin_package_audit(worker, tmp_path):
+    report = tmp_path / "audit.md"
+    code, out, err = run_command("run_workflow", "package-audit", "--var", f"report_path={report}", "--json")
+    assert code == 0, out + err
+    data = json.loads(out)
+    assert data["status"] == "succeeded"
+    assert data["outputs"]["packages"] > 20
+    text = report.read_text()
+    assert "Django" in text or "django" in text
+    run = Run.objects.get(pk=data["run_id"])
+    assert Step.objects.filter(run=run, parent__step_id="inspect").count() >= 2  # fanned out over batches
+    branch = {s: data["steps"][s]["status"] for s in ("flag_copyleft", "all_clear")}
+    assert sorted(branch.values()) == ["skipped", "succeeded"]
+
+
+def test_builtin_source_report(worker):
+    code, out, err = run_command("run_workflow", "source-report", "--json")
+    assert code == 0, out + err
+    data = json.loads(out)
+    totals = data["outputs"]["totals"]
+    assert totals["files"] > 100 and totals["classes"] > 100 and totals["functions"] > 1000
+    run = Run.objects.get(pk=data["run_id"])
+    assert Step.objects.filter(run=run, parent__step_id="scan", type="exec").count() >= 5
+
+
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "ORCHESTRATOR_QUEUE", "DJANGO_SETTINGS_MODULE")
+    }
+    env["ORCHESTRATOR_DATA_DIR"] = str(tmp_path / "data")
+    return env
+
+
+def test_embedded_mode_needs_no_servers(tmp_path):
+    """No DATABASE_URL, no broker: SQLite file + a worker inside the command's process."""
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "run_workflow", str(WORKFLOWS / "chain.yaml"), "--json"],
+        cwd=ROOT,
+        env=embedded_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["status"] == "succeeded"
+    assert data["outputs"] == {"said": "hello world"}
+    assert (tmp_path / "data" / "orchestrator.sqlite3").exists()
+    # progress on a terminal, then the summary
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "run_workflow", str(WORKFLOWS / "fails.yaml")],
+        cwd=ROOT,
+        env=embedded_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "broken" in proc.stdout and "dead" in proc.stdout
