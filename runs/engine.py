@@ -285,6 +285,7 @@ class _Cascade:
         Step.objects.filter(pk=step.pk, status=StepStatus.PENDING).update(status=StepStatus.QUEUED, queued_at=now)
         step.status = StepStatus.QUEUED
         self.batch.enqueue.append(step.pk)
+        self.batch.trace(self.run.pk, TraceKind.STATE, f"step '{step.step_id}' queued", step_pk=step.pk)
         return None
 
     def _trigger_rule_blocks(self, step: Step) -> str | None:
@@ -850,6 +851,10 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
             moved = list(Step.objects.filter(pk__in=due, status=StepStatus.RETRY_WAIT).values_list("pk", flat=True))
             Step.objects.filter(pk__in=moved, status=StepStatus.RETRY_WAIT).update(
                 status=StepStatus.QUEUED, queued_at=now
+            )
+            Trace.objects.bulk_create(
+                Trace(run_id=run_id, step_id=pk, kind=TraceKind.STATE, message=f"step '{step_id}' queued (retry due)")
+                for pk, run_id, step_id in Step.objects.filter(pk__in=moved).values_list("pk", "run_id", "step_id")
             )
             transaction.on_commit(lambda: enqueue_steps(moved))
         counts["retries"] = len(moved)

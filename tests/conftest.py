@@ -22,6 +22,7 @@ from tests.agent_server import AgentServer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+EXAMPLES = ROOT / "examples"
 #: A canary secret: it must never appear in traces, outputs, errors or logs.
 SERVICE_TOKEN = "tok-CANARY-5f3a9e"
 

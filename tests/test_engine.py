@@ -10,7 +10,7 @@ import pytest
 from runs import engine
 from runs.choices import AttemptOutcome, StepStatus
 from runs.models import Attempt, Run, Step, Trace
-from tests.conftest import SERVICE_TOKEN, run_to_end, start, wait_for_run
+from tests.conftest import EXAMPLES, SERVICE_TOKEN, run_to_end, start, wait_for_run
 
 
 def noop_steps(edges: dict[str, list[str]]) -> str:
@@ -381,43 +381,10 @@ steps:
     assert len(agent_server.calls("/agent/missing")) == 1
 
 
-SEED_004_DAILY = """key: daily_instructor_v1
-trigger:
-  type: cron_or_event
-  event_types: [ "streak_ping", "user_start_day" ]
-  cron: "0 7 * * *"
-steps:
-  - id: gather_signals
-    call: "/functions/v1/agent-proxy/snapshot"
-    method: "GET"
-    timeout_ms: 8000
-  - id: create_plan
-    call: "/functions/v1/agent-proxy/instructor/daily"
-    method: "POST"
-    depends_on: [ "gather_signals" ]
-  - id: notify
-    call: "/functions/v1/agent-proxy/notify"
-    method: "POST"
-    depends_on: [ "create_plan" ]
-"""
+# Seed 004's two workflow files, exactly as printed there.
+SEED_004_DAILY = (EXAMPLES / "seed004" / "daily_instructor_v1.yml").read_text()
 
-SEED_004_WEEKLY = """key: weekly_seed_v1
-trigger:
-  type: cron
-  cron: "0 18 * * SUN"
-steps:
-  - id: clo_begin_week
-    call: "/functions/v1/agent-proxy/clo/begin-week"
-  - id: ta_generate_week
-    call: "/functions/v1/agent-proxy/ta/generate-week"
-    depends_on: [ "clo_begin_week" ]
-  - id: socratic_seed
-    call: "/functions/v1/agent-proxy/socratic/seed"
-    depends_on: [ "clo_begin_week" ]
-  - id: brand_ingest
-    call: "/functions/v1/agent-proxy/brand/update-briefing"
-    depends_on: [ "ta_generate_week", "socratic_seed" ]
-"""
+SEED_004_WEEKLY = (EXAMPLES / "seed004" / "weekly_seed_v1.yml").read_text()
 
 
 def test_seed_004_daily_instructor(worker, agent_server):

@@ -10,6 +10,7 @@ from templates_app import spec as spec_module
 from templates_app.durations import parse_duration
 from templates_app.errors import WorkflowError
 from templates_app.spec import load_spec, load_spec_file, validate_inputs
+from tests.conftest import EXAMPLES
 
 # --------------------------------------------------------------------------------------------
 # A registry of step types that does not depend on the real handlers' rules
@@ -444,43 +445,8 @@ steps:
 # Seed 004 (copied exactly as printed in the seed)
 # --------------------------------------------------------------------------------------------
 
-DAILY_INSTRUCTOR_V1 = """key: daily_instructor_v1
-trigger:
-  type: cron_or_event
-  event_types: [ "streak_ping", "user_start_day" ]
-  cron: "0 7 * * *"
-steps:
-  - id: gather_signals
-    call: "/functions/v1/agent-proxy/snapshot"
-    method: "GET"
-    timeout_ms: 8000
-  - id: create_plan
-    call: "/functions/v1/agent-proxy/instructor/daily"
-    method: "POST"
-    depends_on: [ "gather_signals" ]
-  - id: notify
-    call: "/functions/v1/agent-proxy/notify"
-    method: "POST"
-    depends_on: [ "create_plan" ]
-"""
-
-WEEKLY_SEED_V1 = """key: weekly_seed_v1
-trigger:
-  type: cron
-  cron: "0 18 * * SUN"
-steps:
-  - id: clo_begin_week
-    call: "/functions/v1/agent-proxy/clo/begin-week"
-  - id: ta_generate_week
-    call: "/functions/v1/agent-proxy/ta/generate-week"
-    depends_on: [ "clo_begin_week" ]
-  - id: socratic_seed
-    call: "/functions/v1/agent-proxy/socratic/seed"
-    depends_on: [ "clo_begin_week" ]
-  - id: brand_ingest
-    call: "/functions/v1/agent-proxy/brand/update-briefing"
-    depends_on: [ "ta_generate_week", "socratic_seed" ]
-"""
+DAILY_INSTRUCTOR_V1 = (EXAMPLES / "seed004" / "daily_instructor_v1.yml").read_text()
+WEEKLY_SEED_V1 = (EXAMPLES / "seed004" / "weekly_seed_v1.yml").read_text()
 
 
 def test_seed004_daily_instructor():
