@@ -88,7 +88,7 @@ def test_missing_required_variable_exit_2(db, tmp_path):
     )
     code, out, err = run_command("run_workflow", str(path))
     assert code == 2 and "who" in err and len(err.strip().splitlines()) == 1
-    assert Run.objects.count() == 0
+    assert Run.objects.count() == 0 and WorkflowTemplate.objects.count() == 0
     code, out, err = run_command("run_workflow", str(path), "--var", "oops")
     assert code == 2 and "NAME=VALUE" in err
 

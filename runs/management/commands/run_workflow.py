@@ -12,6 +12,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
+from django.db import transaction
 from django.utils import timezone
 
 from runs import engine
@@ -88,10 +89,12 @@ class Command(BaseCommand):
         ensure_embedded_database()
         try:
             inputs = self.parse_vars(options["var"])
-            spec, template = self.resolve_target(options["target"])
-            run = engine.start_run(
-                spec, inputs, template=template, trigger=TriggerKind.CLI, correlation_id=options["correlation_id"]
-            )
+            # one transaction: a refused input leaves no template version and no run behind
+            with transaction.atomic():
+                spec, template = self.resolve_target(options["target"])
+                run = engine.start_run(
+                    spec, inputs, template=template, trigger=TriggerKind.CLI, correlation_id=options["correlation_id"]
+                )
         except WorkflowError as exc:
             fail_input(self.stderr, str(exc))
         if not self.as_json:
