@@ -518,3 +518,23 @@ def test_missing_required_variable_saves_nothing(db):
     with pytest.raises(WorkflowError, match="x"):
         start(yaml_text, {"x": "not-a-number"})
     assert Run.objects.count() == 0 and Step.objects.count() == 0
+
+
+def test_for_each_with_as_name(worker):
+    yaml_text = """
+key: as-name
+variables:
+  labels: {type: array, default: [bug, feature]}
+steps:
+  - id: tag
+    type: noop
+    for_each: ${labels}
+    as: label
+    params: {output: {label: "${label}", position: "${index}", text: "#${label}"}}
+"""
+    run, steps = run_to_end(yaml_text)
+    assert run.status == "succeeded", run.error
+    assert steps["tag"].output == [
+        {"label": "bug", "position": 0, "text": "#bug"},
+        {"label": "feature", "position": 1, "text": "#feature"},
+    ]
