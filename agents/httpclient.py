@@ -39,12 +39,17 @@ def get_client() -> httpx.Client:
     """The calling thread's ``httpx.Client`` (created on first use, recreated after a fork).
 
     Timeouts, headers and ``follow_redirects`` are given per request, so one client serves
-    every handler in the thread.
+    every handler in the thread. Its transport is ``agents.netguard.GuardedTransport``: a
+    connection to a loopback, link-local or private address not on ``ORCHESTRATOR_HTTP_ALLOW_HOSTS``
+    raises ``agents.netguard.BlockedAddress``.
     """
     pid = os.getpid()
     client = getattr(_local, "client", None)
     if client is None or getattr(_local, "pid", None) != pid:
-        client = httpx.Client(follow_redirects=False, headers={"User-Agent": USER_AGENT})
+        from .netguard import GuardedTransport
+
+        # Every connection, redirects included, passes the SSRF guard (agents.netguard).
+        client = httpx.Client(follow_redirects=False, headers={"User-Agent": USER_AGENT}, transport=GuardedTransport())
         _local.client = client
         _local.pid = pid
     return client

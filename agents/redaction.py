@@ -7,7 +7,9 @@ they appear in nested data (a token echoed back in a response body, a key in a U
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -59,8 +61,13 @@ def redact(value: Any, secrets: Iterable[str]) -> Any:
     )
     if not needles:
         return value
-    pattern = re.compile("|".join(re.escape(s) for s in needles))
-    return _redact(value, pattern)
+    return _redact(value, _pattern(tuple(needles)))
+
+
+@functools.lru_cache(maxsize=32)
+def _pattern(needles: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled alternation per set of secrets (traces are redacted on a hot path)."""
+    return re.compile("|".join(re.escape(s) for s in needles))
 
 
 def _redact(value: Any, pattern: re.Pattern[str]) -> Any:
@@ -73,8 +80,43 @@ def _redact(value: Any, pattern: re.Pattern[str]) -> Any:
     return value
 
 
+#: Settings whose values are secrets.
+SECRET_SETTINGS = ("ORCHESTRATOR_SERVICE_TOKEN", "ORCHESTRATOR_LLM_API_KEY", "ORCHESTRATOR_SERVICE_JWT_KEY")
+
+#: Most secrets :func:`register_secret` remembers per process (the oldest are forgotten first).
+MAX_REGISTERED_SECRETS = 256
+
+# Secrets met at run time in this process (credential values resolved for steps), kept in
+# insertion order so the oldest can be dropped.
+_registered: dict[str, None] = {}
+_registered_lock = threading.Lock()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember ``value`` as a secret of this process: :func:`known_secrets` returns it from now on.
+
+    Called when a credential is decrypted for a step (``agents.credentials.resolve``), so the
+    traces, errors, outputs and log lines that this process writes afterwards are masked. Values
+    shorter than ``MIN_SECRET_LENGTH`` are ignored.
+    """
+    if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH:
+        return
+    with _registered_lock:
+        _registered.pop(value, None)
+        _registered[value] = None
+        while len(_registered) > MAX_REGISTERED_SECRETS:
+            _registered.pop(next(iter(_registered)))
+
+
+def forget_registered_secrets() -> None:
+    """Forget what :func:`register_secret` remembered (tests)."""
+    with _registered_lock:
+        _registered.clear()
+
+
 def known_secrets() -> list[str]:
-    """The configured secrets: ``ORCHESTRATOR_SERVICE_TOKEN`` and ``ORCHESTRATOR_LLM_API_KEY``
-    when set (empty ones are left out)."""
-    names = ("ORCHESTRATOR_SERVICE_TOKEN", "ORCHESTRATOR_LLM_API_KEY")
-    return [value for name in names if (value := getattr(settings, name, "") or "")]
+    """The secrets to mask: the configured ones (``SECRET_SETTINGS`` that are set) and those
+    registered at run time in this process (:func:`register_secret`)."""
+    configured = [value for name in SECRET_SETTINGS if (value := getattr(settings, name, "") or "")]
+    with _registered_lock:
+        return configured + list(_registered)

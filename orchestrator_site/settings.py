@@ -8,12 +8,17 @@ in-memory Celery broker served by a worker inside the command's own process. Pro
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from .env import env_bool, env_float, env_int, env_list, env_str
+from .logging import build_logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("ORCHESTRATOR_DATA_DIR", str(BASE_DIR / "var")))
@@ -48,6 +53,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "django_filters",
+    "knox",
     "django_celery_beat",
     "django_celery_results",
     "django_prometheus",
@@ -60,10 +67,12 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # the admin's CSS/JS from any WSGI server
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "orchestrator_site.logging.RequestContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
@@ -133,11 +142,27 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("ORCHESTRATOR_QUEUE", "orchestrator")
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Keep a worker process's database connection across tasks: without this, Celery's Django fixup
+# closes it around every task, so every step paid for a new PostgreSQL backend (profiled: ~10% of
+# a step's CPU). runs/tasks.py checks the connection before each task instead (CONN_MAX_AGE and
+# CONN_HEALTH_CHECKS, as for a web request), so a database restart is still survived.
+CELERY_DB_REUSE_MAX = env_int("ORCHESTRATOR_DB_REUSE_MAX", 1000)
+# django-celery-beat's DatabaseScheduler, plus the tick time of each schedule firing in the
+# message (scheduler/beat.py): the idempotency key of a scheduled run is schedule + tick.
+CELERY_BEAT_SCHEDULER = "scheduler.beat:TickScheduler"
 # Longer than the longest step, or Redis hands an unacked message to a second worker mid-step.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env_int("ORCHESTRATOR_VISIBILITY_TIMEOUT", 3 * 3600),
+    # Run priority (0 = most urgent .. 9, seed 004) on Redis: one list per level, `queue`,
+    # `queue:1` .. `queue:9`; a worker's BRPOP names them in level order, so with prefetch 1 and
+    # acks_late the most urgent waiting message is always taken next (Celery "Redis Message
+    # Priorities"; kombu >= 4.0.2 consumes 0 first). Other brokers ignore these options.
+    "priority_steps": list(range(10)),
+    "sep": ":",
+    "queue_order_strategy": "priority",
 }
+#: Messages sent without a priority (system tasks, sweeper re-sends) go to the middle level.
+CELERY_TASK_DEFAULT_PRIORITY = 5
 
 # --- The platform (ORCHESTRATOR_*) ----------------------------------------------------------
 #: Base URL that seed-004 style `call:` paths are joined to (EDGE_BASE_URL also accepted).
@@ -156,6 +181,19 @@ ORCHESTRATOR_REQUEUE_AFTER = env_float("ORCHESTRATOR_REQUEUE_AFTER", 300.0)
 ORCHESTRATOR_SWEEP_INTERVAL = env_float("ORCHESTRATOR_SWEEP_INTERVAL", 10.0)
 #: Retry delays up to this many seconds ride on a Celery countdown; longer ones wait for the sweeper.
 ORCHESTRATOR_COUNTDOWN_MAX = env_float("ORCHESTRATOR_COUNTDOWN_MAX", 60.0)
+#: Inline continuation (runs.engine.execute_step): a worker that finishes a step runs one of the
+#: dependents it made ready itself, claimed in the same commit, up to this many steps per message
+#: (0 = off: every step is a message) and not starting one after this many seconds.
+ORCHESTRATOR_INLINE_STEPS = env_int("ORCHESTRATOR_INLINE_STEPS", 100)
+ORCHESTRATOR_INLINE_SECONDS = env_float("ORCHESTRATOR_INLINE_SECONDS", 5.0)
+#: The sweeper (and a redelivered message) count a running attempt as lost at once when its
+#: worker process, on this host, is gone. Off only where hosts share a hostname but not a pid
+#: namespace; leases recover every lost step anyway.
+ORCHESTRATOR_RECOVER_DEAD_WORKERS = env_bool("ORCHESTRATOR_RECOVER_DEAD_WORKERS", True)
+#: Close a worker thread's database connection while its step's handler runs (reopened for the
+#: outcome): for thread-pool workers running many slow calls at once (-P threads -c 100), which
+#: would otherwise hold one idle PostgreSQL connection per thread.
+ORCHESTRATOR_RELEASE_DB_DURING_STEP = env_bool("ORCHESTRATOR_RELEASE_DB_DURING_STEP", False)
 #: Worker threads of the embedded worker.
 ORCHESTRATOR_EMBEDDED_CONCURRENCY = env_int("ORCHESTRATOR_EMBEDDED_CONCURRENCY", 4)
 #: Dotted paths that `python` steps may call: the allow-list (extend with a comma-separated env).
@@ -169,11 +207,18 @@ ORCHESTRATOR_PYTHON_CALLABLES = [
     "agents.testing.echo",
     "agents.testing.fail",
     "agents.testing.flaky",
+    "scheduler.health.check",
     *env_list("ORCHESTRATOR_PYTHON_CALLABLES"),
 ]
 #: exec steps: memory limit (MiB) and largest stdout kept (bytes).
 ORCHESTRATOR_EXEC_MEMORY_MB = env_int("ORCHESTRATOR_EXEC_MEMORY_MB", 1024)
 ORCHESTRATOR_EXEC_MAX_OUTPUT = env_int("ORCHESTRATOR_EXEC_MAX_OUTPUT", 1_000_000)
+#: exec steps: most processes a command may run at once (a pids cgroup where one can be made,
+#: else a watchdog counting the command's session); past it the whole command is killed.
+ORCHESTRATOR_EXEC_MAX_PROCESSES = env_int("ORCHESTRATOR_EXEC_MAX_PROCESSES", 64)
+#: http/llm steps: destinations allowed although internal (loopback, link-local, private ranges
+#: are refused otherwise: SSRF guard, agents/netguard.py). Host, IP or CIDR, optional :port.
+ORCHESTRATOR_HTTP_ALLOW_HOSTS = env_list("ORCHESTRATOR_HTTP_ALLOW_HOSTS")
 #: OpenAI-compatible chat completions endpoint tried first by `llm` steps, then the fallbacks.
 ORCHESTRATOR_LLM_BASE_URL = env_str("ORCHESTRATOR_LLM_BASE_URL", env_str("LLM_BASE_URL"))
 ORCHESTRATOR_LLM_MODEL = env_str("ORCHESTRATOR_LLM_MODEL", env_str("LLM_MODEL", "default"))
@@ -185,22 +230,147 @@ ORCHESTRATOR_MAX_SPEC_BYTES = env_int("ORCHESTRATOR_MAX_SPEC_BYTES", 1_000_000)
 #: Extra folders of YAML files loaded by `load_templates` with no argument.
 ORCHESTRATOR_TEMPLATE_DIRS = env_list("ORCHESTRATOR_TEMPLATE_DIRS")
 
+# --- Triggers and flow control (scheduler/, agents/: docs/readme/flow-control.md) ----------
+#: Concurrent runs per tenant when the admin sets no `tenant:<slug>` concurrency limit; runs over
+#: it wait as `pending`. Seed 002's MAX_CONCURRENT_WORKFLOWS is read too; 0 = no limit.
+ORCHESTRATOR_MAX_CONCURRENT_RUNS = env_int("ORCHESTRATOR_MAX_CONCURRENT_RUNS", env_int("MAX_CONCURRENT_WORKFLOWS", 0))
+#: Seconds a step waiting for a concurrency slot waits at most before it looks again (a slot
+#: released by another step wakes it at once; this is the safety net).
+ORCHESTRATOR_CONCURRENCY_POLL = env_float("ORCHESTRATOR_CONCURRENCY_POLL", 2.0)
+#: Seconds a schedule's tick may be late (beat or workers down) and still start its run
+#: (APScheduler's "misfire grace time"); later ticks are dropped by the broker (`expires`).
+ORCHESTRATOR_SCHEDULE_MISFIRE_GRACE = env_int("ORCHESTRATOR_SCHEDULE_MISFIRE_GRACE", 3600)
+#: Days finished runs (with steps, attempts, traces) are kept; the purge job deletes older ones.
+#: 0 keeps them forever.
+ORCHESTRATOR_RUN_RETENTION_DAYS = env_int("ORCHESTRATOR_RUN_RETENTION_DAYS", 30)
+#: Cron expressions (settings' time zone) of the system jobs: health report (seed 000: hourly)
+#: and purge of old runs.
+ORCHESTRATOR_HEALTH_CRON = env_str("ORCHESTRATOR_HEALTH_CRON", "0 * * * *")
+ORCHESTRATOR_PURGE_CRON = env_str("ORCHESTRATOR_PURGE_CRON", "30 3 * * *")
+#: Seconds past which an unfinished step that the sweeper should have moved counts as stuck
+#: in the health report (queued, lease expired, retry overdue).
+ORCHESTRATOR_STUCK_AFTER = env_float("ORCHESTRATOR_STUCK_AFTER", 900.0)
+#: Fernet keys (urlsafe base64, 32 bytes each) encrypting credential secrets, comma-separated,
+#: the NEWEST FIRST: it encrypts, all of them decrypt (MultiFernet). Rotate with
+#: `manage.py rotate_keys`. Unset: one key derived from SECRET_KEY (system check agents.W001).
+ORCHESTRATOR_FERNET_KEYS = env_list("ORCHESTRATOR_FERNET_KEYS")
+#: Signed service JWT for agent calls (agents/service_auth.py), instead of the static service
+#: token when a key is set: HS256 shared secret, or a PEM private key for RS256/ES256.
+ORCHESTRATOR_SERVICE_JWT_KEY = env_str("ORCHESTRATOR_SERVICE_JWT_KEY")
+ORCHESTRATOR_SERVICE_JWT_ALGORITHM = env_str("ORCHESTRATOR_SERVICE_JWT_ALGORITHM", "HS256")
+#: Seconds a service JWT stays valid (short: one call, its retries get a fresh one).
+ORCHESTRATOR_SERVICE_JWT_TTL = env_int("ORCHESTRATOR_SERVICE_JWT_TTL", 60)
+ORCHESTRATOR_SERVICE_JWT_ISSUER = env_str("ORCHESTRATOR_SERVICE_JWT_ISSUER", "orchestrator")
+#: `aud` claim (empty = none), e.g. the agents' base URL.
+ORCHESTRATOR_SERVICE_JWT_AUDIENCE = env_str("ORCHESTRATOR_SERVICE_JWT_AUDIENCE")
+#: `kid` header naming the key, for receivers that hold several.
+ORCHESTRATOR_SERVICE_JWT_KID = env_str("ORCHESTRATOR_SERVICE_JWT_KID")
+
+
+def _cron(expression: str, name: str):
+    """A Celery crontab from a 5-field cron expression; ImproperlyConfigured naming ``name``."""
+    from celery.schedules import crontab
+
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ImproperlyConfigured(f"{name}: expected 5 cron fields, got {expression!r}")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return crontab(minute, hour, day_of_week, day_of_month, month_of_year)
+    except Exception as exc:
+        raise ImproperlyConfigured(f"{name}: invalid cron {expression!r}: {exc}") from None
+
+
 CELERY_BEAT_SCHEDULE = {
+    # due retries, expired leases, lost messages, deadlines; also expired concurrency slots and
+    # runs waiting for a slot (runs.engine.sweep)
     "orchestrator-sweep": {
         "task": "runs.sweep",
         "schedule": ORCHESTRATOR_SWEEP_INTERVAL,
         "options": {"expires": ORCHESTRATOR_SWEEP_INTERVAL},
     },
+    # seed 000's hourly health check: database, broker, workers, stuck runs -> a run + metrics
+    "orchestrator-health-report": {
+        "task": "scheduler.health_report",
+        "schedule": _cron(ORCHESTRATOR_HEALTH_CRON, "ORCHESTRATOR_HEALTH_CRON"),
+        "options": {"expires": 600},
+    },
+    # finished runs older than ORCHESTRATOR_RUN_RETENTION_DAYS
+    "orchestrator-purge-runs": {
+        "task": "scheduler.purge_runs",
+        "schedule": _cron(ORCHESTRATOR_PURGE_CRON, "ORCHESTRATOR_PURGE_CRON"),
+        "options": {"expires": 3600},
+    },
 }
 
+# --- REST API (runs/api) ----------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # API tokens (hashed at rest, expiring) for programs; the session for the browsable API
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "knox.auth.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    # JSON only; refuses NUL characters, lone surrogates and absurd nesting with a 400
+    "DEFAULT_PARSER_CLASSES": ["runs.api.parsers.StrictJSONParser"],
+    "EXCEPTION_HANDLER": "runs.api.errors.exception_handler",
+}
+#: Days an API token made by `create_token` or `POST /api/v1/auth/login` stays valid (0 = never expires).
+ORCHESTRATOR_TOKEN_TTL_DAYS = env_int("ORCHESTRATOR_TOKEN_TTL_DAYS", 30)
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(days=ORCHESTRATOR_TOKEN_TTL_DAYS) if ORCHESTRATOR_TOKEN_TTL_DAYS > 0 else None,
+    "TOKEN_PREFIX": "orch_",  # recognisable by secret scanners
+    "AUTO_REFRESH": False,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Orchestrator API",
+    "DESCRIPTION": (
+        "Durable workflow runs on Django + Celery. Authenticate with `Authorization: Token <token>`; "
+        "act in a tenant with `X-Tenant: <slug>` (default: your default tenant)."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "runs.choices.RunStatus",
+        "StepStatusEnum": "runs.choices.StepStatus",
+        "AttemptOutcomeEnum": "runs.choices.AttemptOutcome",
+        "TraceKindEnum": "runs.choices.TraceKind",
+    },
 }
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["stderr"], "level": env_str("ORCHESTRATOR_LOG_LEVEL", "WARNING")},
-}
+# --- Observability: JSON logs, Prometheus ------------------------------------------------------
+#: Root log level of web, worker and commands (a Celery worker's `-l` overrides it).
+ORCHESTRATOR_LOG_LEVEL = env_str("ORCHESTRATOR_LOG_LEVEL", "WARNING").upper()
+#: `json` (one object per line, the default) or `text`.
+ORCHESTRATOR_LOG_FORMAT = env_str("ORCHESTRATOR_LOG_FORMAT", "json").lower()
+try:
+    LOGGING = build_logging_config(ORCHESTRATOR_LOG_LEVEL, ORCHESTRATOR_LOG_FORMAT)
+except ValueError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+#: Counters and histograms of every process (web, each worker child) are kept as files and summed
+#: at scrape time (prometheus_client's multiprocess mode). By default each machine (hostname) has
+#: its own folder under ORCHESTRATOR_METRICS_ROOT (pids repeat across containers sharing the data
+#: folder, and two processes must never write one file); /metrics sums every folder of the root.
+#: Clear the root when the whole deployment restarts. Set before any import of prometheus_client,
+#: which reads it once.
+ORCHESTRATOR_METRICS_ROOT = env_str("ORCHESTRATOR_METRICS_ROOT", str(DATA_DIR / "metrics"))
+PROMETHEUS_MULTIPROC_DIR = env_str(
+    "PROMETHEUS_MULTIPROC_DIR", str(Path(ORCHESTRATOR_METRICS_ROOT) / socket.gethostname())
+)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
+Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+#: django-prometheus: the unapplied-migrations gauge is named `*_total`, which promtool rejects.
+PROMETHEUS_EXPORT_MIGRATIONS = False
+#: Seconds /ready waits for the database and the broker.
+ORCHESTRATOR_READY_TIMEOUT = env_float("ORCHESTRATOR_READY_TIMEOUT", 2.0)
+#: When set, /metrics requires `Authorization: Bearer <this token>`.
+ORCHESTRATOR_METRICS_TOKEN = env_str("ORCHESTRATOR_METRICS_TOKEN")
+#: WhiteNoise serves static files (the admin's) straight from the apps: no collectstatic needed.
+WHITENOISE_USE_FINDERS = True
+Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one
+#: Seconds the admin dashboard waits for Celery workers to answer a ping.
+ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)

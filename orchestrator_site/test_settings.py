@@ -1,11 +1,16 @@
 """Settings for the test suite: real PostgreSQL and Redis on 127.0.0.1 unless overridden."""
 
 import os
+import tempfile
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 # A queue of this test session only: messages left by other sessions never reach its worker.
 os.environ.setdefault("ORCHESTRATOR_QUEUE", f"orchestrator-test-{os.getpid()}")
+# Metric files of this session only (the worker subprocess inherits the variable).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="orchestrator-metrics-"))
+# The tests' own HTTP servers listen on loopback, which the SSRF guard refuses by default.
+os.environ.setdefault("ORCHESTRATOR_HTTP_ALLOW_HOSTS", "127.0.0.1,localhost")
 
 from .settings import *  # noqa: E402,F403
 

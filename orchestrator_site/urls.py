@@ -1,9 +1,20 @@
-"""URL configuration: admin, health, metrics."""
+"""URL configuration: the REST API, the admin (with its operations dashboard), probes and metrics."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
+
+from runs.admin_views import dashboard
+
+from . import health
 
 urlpatterns = [
+    path("admin/dashboard/", admin.site.admin_view(dashboard), name="ops-dashboard"),
     path("admin/", admin.site.urls),
-    path("", include("django_prometheus.urls")),
+    path("api/v1/", include("runs.api.urls", namespace="api")),
+    # events and schedules (scheduler), credentials (agents): same auth, tenancy and errors as runs.api
+    path("api/v1/", include("scheduler.api")),
+    path("api/v1/", include("agents.api")),
+    re_path(r"^health/?$", health.health, name="health"),
+    re_path(r"^ready/?$", health.ready, name="ready"),
+    re_path(r"^metrics/?$", health.metrics, name="metrics"),
 ]

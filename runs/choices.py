@@ -64,3 +64,13 @@ class TraceKind(models.TextChoices):
     ERROR = "error"
     CHECKPOINT = "checkpoint"
     LOG = "log"
+
+
+class MembershipRole(models.TextChoices):
+    OWNER = "owner"  # everything a member can, and manages the tenant's members
+    MEMBER = "member"  # reads; starts, cancels and retries runs; creates templates
+    VIEWER = "viewer"  # reads only
+
+
+#: Roles allowed to change things through the API (start runs, load templates, cancel, retry).
+WRITE_ROLES = frozenset({MembershipRole.OWNER, MembershipRole.MEMBER})

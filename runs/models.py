@@ -7,10 +7,56 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
-from .choices import AttemptOutcome, RunStatus, StepStatus, TraceKind, TriggerKind
+from .choices import AttemptOutcome, MembershipRole, RunStatus, StepStatus, TraceKind, TriggerKind
+
+#: The tenant of rows created without one (CLI runs, builtin templates).
+DEFAULT_TENANT = "default"
+
+
+class Tenant(models.Model):
+    """An isolated workspace: templates, runs and their rows belong to exactly one tenant.
+
+    Rows refer to a tenant by its ``slug`` (``Run.tenant_id``, ``WorkflowTemplate.tenant_id`` are
+    slug strings), so the engine and the CLI keep working with plain strings and no join.
+    """
+
+    slug = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=200, blank=True)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Membership(models.Model):
+    """A user's place in a tenant. A user may belong to several tenants; one is their default."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tenant_memberships")
+    role = models.CharField(max_length=16, choices=MembershipRole.choices, default=MembershipRole.MEMBER)
+    is_default = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant__slug"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "user"], name="membership_tenant_user_uniq"),
+            # at most one default tenant per user: the tenant a request without X-Tenant acts in
+            models.UniqueConstraint(
+                fields=["user"], condition=Q(is_default=True), name="membership_one_default_per_user"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant} ({self.role})"
 
 
 class Run(models.Model):
@@ -25,10 +71,17 @@ class Run(models.Model):
     spec = models.JSONField()
     inputs = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
-    tenant_id = models.CharField(max_length=100, default="default")
+    tenant_id = models.CharField(max_length=100, default=DEFAULT_TENANT, help_text="Slug of the owning Tenant.")
     user_id = models.CharField(max_length=200, blank=True)
     correlation_id = models.CharField(max_length=200, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    #: sha256 of the API request that created the run under ``idempotency_key`` (replay vs conflict)
+    request_hash = models.CharField(max_length=64, blank=True)
+    #: caller data that is not a variable (seed 004's dispatch: intent_id, payload)
+    metadata = models.JSONField(default=dict, blank=True)
+    rerun_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns", db_index=False
+    )  # indexed below (partial: most runs are not reruns)
     priority = models.PositiveSmallIntegerField(default=5, help_text="Lower is more urgent (0-9).")
     trigger = models.CharField(max_length=16, choices=TriggerKind.choices, default=TriggerKind.MANUAL)
     outputs = models.JSONField(null=True, blank=True)
@@ -55,12 +108,18 @@ class Run(models.Model):
             ),
         ]
         indexes = [
+            # API run lists and the admin change list: one tenant's runs, newest first (cursor pages)
+            models.Index(fields=["tenant_id", "-created_at"], name="run_tenant_created_idx"),
+            # the admin change list of a superuser: all runs, newest first, no sort of the table
+            models.Index(fields=["-created_at"], name="run_created_idx"),
             # run lists filtered by status, newest first
             models.Index(fields=["status", "-created_at"], name="run_status_created_idx"),
             # run lists filtered by template
             models.Index(fields=["template_key", "-created_at"], name="run_template_created_idx"),
             # lookups by the caller's correlation id
             models.Index(fields=["correlation_id"], name="run_correlation_idx"),
+            # SET NULL on reruns when a run is purged
+            models.Index(fields=["rerun_of"], condition=Q(rerun_of__isnull=False), name="run_rerun_of_idx"),
             # the sweeper: active runs whose deadline passed
             models.Index(
                 fields=["deadline"], condition=Q(status__in=["pending", "running"]), name="run_active_deadline_idx"
@@ -122,6 +181,13 @@ class Step(models.Model):
             models.Index(fields=["queued_at"], condition=Q(status="queued"), name="step_queued_since_idx"),
             # dead-letter list
             models.Index(fields=["-finished_at"], condition=Q(status="dead"), name="step_dead_idx"),
+            # queue gauges at scrape time (task_queue_jobs, active tasks, dead letters) and the
+            # dashboard: counts of the unfinished statuses without reading finished steps
+            models.Index(
+                fields=["status"],
+                condition=Q(status__in=["pending", "queued", "running", "retry_wait", "dead"]),
+                name="step_queue_status_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -141,6 +207,8 @@ class Attempt(models.Model):
     number = models.PositiveIntegerField()
     worker = models.CharField(max_length=200, blank=True)
     lease_token = models.UUIDField()
+    #: the Celery task id that ran this attempt: cancelling the run revokes it
+    task_id = models.CharField(max_length=255, blank=True)
     outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.RUNNING)
     error = models.TextField(blank=True)
     http_status = models.PositiveSmallIntegerField(null=True, blank=True)

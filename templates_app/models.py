@@ -24,18 +24,19 @@ class WorkflowTemplate(models.Model):
     content_hash = models.CharField(max_length=64)
     trigger = models.JSONField(default=dict, blank=True)
     is_active = models.BooleanField(default=True)
-    tenant_id = models.CharField(max_length=100, default="default")
+    tenant_id = models.CharField(max_length=100, default="default", help_text="Slug of the owning tenant.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["key", "-version"]
         constraints = [
-            models.UniqueConstraint(fields=["key", "version"], name="template_key_version_uniq"),
+            # keys are per tenant: two tenants may each have their own `audit`
+            models.UniqueConstraint(fields=["tenant_id", "key", "version"], name="template_tenant_key_version_uniq"),
             models.CheckConstraint(condition=models.Q(version__gte=1), name="template_version_positive"),
         ]
         indexes = [
-            # latest active version of a key: run_workflow KEY, the event dispatcher
-            models.Index(fields=["key", "is_active", "-version"], name="template_key_active_idx"),
+            # latest active version of a key in a tenant: run_workflow KEY, the API, the event dispatcher
+            models.Index(fields=["tenant_id", "key", "is_active", "-version"], name="template_tenant_key_active_idx"),
         ]
 
     def __str__(self) -> str:

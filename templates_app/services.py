@@ -27,15 +27,23 @@ class LoadResult:
 
 
 def save_template(spec: dict[str, Any], source: str, source_path: str = "", tenant_id: str = "default") -> LoadResult:
-    """Store ``spec`` as the newest version of its key unless the same source is already there.
+    """Store ``spec`` as the newest version of its key in ``tenant_id`` unless the same source is already there.
 
     Idempotent: the sha256 of ``source`` is compared with the latest version's; a change makes
-    version N+1 (older versions stay, runs keep pointing at theirs).
+    version N+1 (older versions stay, runs keep pointing at theirs). Keys are per tenant.
     """
     digest = hashlib.sha256(source.encode()).hexdigest()
     key = spec["key"]
+    # the columns' limits: refused with a message rather than failing the INSERT
+    for field, value, limit in (
+        ("key", key, 200),
+        ("name", spec.get("name") or "", 200),
+        ("category", spec.get("category") or "", 100),
+    ):
+        if len(str(value)) > limit:
+            raise WorkflowError(f"{field}: longer than {limit} characters", source=source_path or "<string>")
     for _ in range(3):  # two loaders racing on one key: the loser retries with the next number
-        latest = WorkflowTemplate.objects.filter(key=key).order_by("-version").first()
+        latest = WorkflowTemplate.objects.filter(tenant_id=tenant_id, key=key).order_by("-version").first()
         if latest is not None and latest.content_hash == digest:
             if not latest.is_active:
                 latest.is_active = True
@@ -63,7 +71,7 @@ def save_template(spec: dict[str, Any], source: str, source_path: str = "", tena
     raise WorkflowError(f"{source_path or key}: could not save a new version (concurrent loads)")
 
 
-def load_template_file(path: str | Path) -> LoadResult:
+def load_template_file(path: str | Path, tenant_id: str = "default") -> LoadResult:
     """Validate and store one workflow file. Raises WorkflowError (one line) and saves nothing."""
     from .spec import load_spec
 
@@ -76,7 +84,7 @@ def load_template_file(path: str | Path) -> LoadResult:
     if len(raw) > limit:
         raise WorkflowError(f"{path}: file is {len(raw)} bytes, larger than the {limit} byte limit")
     spec = load_spec(raw, source=str(path))
-    return save_template(spec, raw.decode("utf-8"), source_path=str(path))
+    return save_template(spec, raw.decode("utf-8"), source_path=str(path), tenant_id=tenant_id)
 
 
 def workflow_files(directory: str | Path) -> list[Path]:
@@ -87,7 +95,7 @@ def workflow_files(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in YAML_SUFFIXES and p.is_file())
 
 
-def load_directory(directory: str | Path) -> list[LoadResult]:
+def load_directory(directory: str | Path, tenant_id: str = "default") -> list[LoadResult]:
     """Load every workflow file of a folder; all files are validated before any is saved."""
     from .spec import load_spec
 
@@ -95,17 +103,17 @@ def load_directory(directory: str | Path) -> list[LoadResult]:
     for path in files:  # validate all first: one bad file saves nothing
         load_spec(path.read_bytes(), source=str(path))
     with transaction.atomic():
-        return [load_template_file(path) for path in files]
+        return [load_template_file(path, tenant_id=tenant_id) for path in files]
 
 
-def load_builtin_templates() -> list[LoadResult]:
-    """Load (or refresh) the builtin templates shipped in ``templates_app/builtin``."""
-    return load_directory(BUILTIN_DIR)
+def load_builtin_templates(tenant_id: str = "default") -> list[LoadResult]:
+    """Load (or refresh) the builtin templates shipped in ``templates_app/builtin`` into ``tenant_id``."""
+    return load_directory(BUILTIN_DIR, tenant_id=tenant_id)
 
 
-def get_template(key: str, version: int | None = None) -> WorkflowTemplate:
-    """The given version of ``key``, or its latest active version. Raises WorkflowError if none."""
-    qs = WorkflowTemplate.objects.filter(key=key)
+def get_template(key: str, version: int | None = None, tenant_id: str = "default") -> WorkflowTemplate:
+    """The given version of ``key`` in ``tenant_id``, or its latest active version. Raises WorkflowError if none."""
+    qs = WorkflowTemplate.objects.filter(tenant_id=tenant_id, key=key)
     if version is not None:
         template = qs.filter(version=version).first()
         if template is None:

@@ -85,24 +85,32 @@ _LOOP_RESERVED = frozenset({"steps", "vars", "run", "index"})
 _META_KEYS = frozenset({"tags", "author", "owner", "labels", "metadata"})
 _TOP_KEYS = frozenset(
     {"key", "version", "name", "description", "category", "timeout", "variables", "defaults", "trigger"}
-    | {"outputs", "steps"}
+    | {"outputs", "steps", "max_active_runs"}
 )
 _TOP_KEYS_SEED002 = (_TOP_KEYS - {"key", "steps"}) | {"id", "workflow"}
 _WORKFLOW_KEYS_SEED002 = frozenset({"id", "name", "description", "timeout", "variables", "tasks"})
 _STEP_KEYS = frozenset(
     {"id", "name", "description", "type", "params", "parameters", "depends_on", "retry", "retry_policy"}
     | {"timeout", "timeout_ms", "when", "trigger_rule", "for_each", "as", "condition", "on_success"}
-    | {"on_failure", "call", "method"}
+    | {"on_failure", "call", "method", "credential", "rate_limit", "concurrency"}
 )
 _CHILD_KEYS = frozenset(
     {"id", "name", "type", "params", "parameters", "retry", "retry_policy", "timeout", "timeout_ms"}
 )
-_DEFAULT_KEYS = frozenset({"retry", "retry_policy", "timeout", "timeout_ms", "trigger_rule"})
+_DEFAULT_KEYS = frozenset(
+    {"retry", "retry_policy", "timeout", "timeout_ms", "trigger_rule", "rate_limit", "concurrency"}
+)
 _RETRY_KEYS = frozenset(
     {"max_attempts", "max_retries", "backoff", "backoff_type", "initial_delay", "max_delay", "jitter"}
 )
 _VARIABLE_KEYS = frozenset({"type", "required", "default", "description"})
-_TRIGGER_KEYS = frozenset({"type", "cron", "event_types", "interval"})
+_TRIGGER_KEYS = frozenset({"type", "cron", "event_types", "interval", "variables"})
+_RATE_LIMIT_KEYS = frozenset({"key", "capacity", "refill_rate", "rate"})
+_CONCURRENCY_KEYS = frozenset({"key", "limit"})
+#: Names a flow-control key expression may use besides variables (agents.flowcontrol.key_context).
+_FLOW_KEY_NAMES = frozenset({"run", "step"})
+#: Shortest interval schedule (seconds): django-celery-beat counts intervals in whole seconds.
+MIN_INTERVAL = 1.0
 
 # Limits on the loaded document (alias bombs expand in the walk, not in the parser).
 MAX_NODES = 200_000
@@ -367,10 +375,38 @@ class _SpecLoader:
             "outputs": None,
             "steps": [],
         }
+        if doc.get("max_active_runs") is not None:
+            spec["max_active_runs"] = self._positive_int(doc["max_active_runs"], "max_active_runs")
         defaults = self._defaults(doc.get("defaults"))
         spec["steps"] = self._steps(raw_steps, steps_field, defaults, variables)
         spec["outputs"] = self._outputs(doc.get("outputs"), variables, {step["id"] for step in spec["steps"]})
+        self._trigger_variables(spec)
         return spec
+
+    def _positive_int(self, value: Any, field: str, step: str | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(f"{field}: must be an integer >= 1, got {_short(value)}", step)
+        return value
+
+    def _trigger_variables(self, spec: dict[str, Any]) -> None:
+        """``trigger.variables`` (the variables of scheduled runs) name declared variables, typed.
+
+        Required variables left out are not an error here: the schedule made from the trigger
+        is created disabled until an operator gives them (scheduler.services).
+        """
+        given = spec["trigger"].get("variables")
+        if not given:
+            return
+        declared = spec["variables"]
+        for name, value in given.items():
+            decl = declared.get(name)
+            if decl is None or "expr" in decl:
+                known = ", ".join(sorted(n for n, d in declared.items() if "expr" not in d)) or "none"
+                raise self.fail(f"trigger: variables: unknown variable {name!r} (known: {known})")
+            try:
+                given[name] = _coerce(name, decl.get("type", "any"), value)
+            except WorkflowError as exc:
+                raise self.fail(f"trigger: variables: {exc.problem}")
 
     def _duration(self, value: Any, field: str, step: str | None = None, positive: bool = True) -> float:
         try:
@@ -522,7 +558,16 @@ class _SpecLoader:
             raise self.fail("trigger: type cron_or_event needs 'cron' or 'event_types'")
         if kind == "interval" and interval is None:
             raise self.fail("trigger: type interval needs 'interval'")
-        return {"type": kind, "cron": cron, "event_types": list(events), "interval": interval}
+        if interval is not None and interval < MIN_INTERVAL:
+            raise self.fail(f"trigger: interval: must be at least {MIN_INTERVAL:g}s, got {_short(raw.get('interval'))}")
+        out = {"type": kind, "cron": cron, "event_types": list(events), "interval": interval}
+        variables = raw.get("variables")
+        if variables is not None:
+            if not isinstance(variables, dict):
+                raise self.fail(f"trigger: 'variables' must be a mapping, got {_type_name(variables)}")
+            if variables:
+                out["variables"] = dict(variables)  # checked against the declared variables later
+        return out
 
     def _check_cron(self, cron: str) -> None:
         fields = cron.split()
@@ -567,7 +612,105 @@ class _SpecLoader:
             out["timeout"] = timeout
         if "trigger_rule" in raw:
             out["trigger_rule"] = self._trigger_rule(raw["trigger_rule"], "defaults.", None)
+        out["rate_limit"] = self._rate_limit(raw.get("rate_limit"), "defaults.rate_limit", None)
+        out["concurrency"] = self._concurrency(raw.get("concurrency"), "defaults.concurrency", None)
         return out
+
+    # ---------------------------------------------------------------------------------------
+    # Flow control: rate_limit, concurrency (agents.flowcontrol)
+    # ---------------------------------------------------------------------------------------
+
+    def _flow_key(self, value: Any, field: str, step: str | None) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"{field}: must be a non-empty string such as 'user:${{run.user_id}}:agent:clo'", step)
+        if len(value) > 200:
+            raise self.fail(f"{field}: longer than 200 characters", step)
+        try:
+            expressions.analyze(value)
+        except ExpressionError as exc:
+            raise self.fail(f"{field}: {exc.problem}", step)
+        return value
+
+    def _rate_limit(self, raw: Any, field: str, step: str | None) -> dict[str, Any] | None:
+        """``rate_limit``: ``{key, capacity, refill_rate | rate}``; ``"10/m"`` or ``"<key>"`` shorthand.
+
+        Normalized: ``{"key": str | None, "capacity": int | None, "refill_rate": float | None}``
+        (tokens per second). Without numbers the bucket must exist in the admin.
+        """
+        from agents.rates import parse_rate
+
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            try:
+                raw = {"rate": raw} if "/" in raw and parse_rate(raw) else {"key": raw}
+            except ValueError:
+                raw = {"key": raw}
+        if not isinstance(raw, dict):
+            raise self.fail(f"{field}: must be a mapping such as {{key: ..., capacity: 5, rate: 10/m}}", step)
+        self._check_keys(raw, _RATE_LIMIT_KEYS, f"{field}: ", step)
+        out: dict[str, Any] = {"key": None, "capacity": None, "refill_rate": None}
+        if raw.get("key") is not None:
+            out["key"] = self._flow_key(raw["key"], f"{field}.key", step)
+        if "refill_rate" in raw and "rate" in raw:
+            raise self.fail(f"{field}: give refill_rate or rate, not both", step)
+        for name in ("refill_rate", "rate"):
+            if raw.get(name) is not None:
+                value = raw[name]
+                if name == "refill_rate" and not isinstance(value, (int, float)):
+                    raise self.fail(f"{field}.refill_rate: must be tokens per second, got {_short(value)}", step)
+                try:
+                    out["refill_rate"] = parse_rate(value)
+                except ValueError as exc:
+                    raise self.fail(f"{field}.{name}: {exc}", step)
+        if raw.get("capacity") is not None:
+            out["capacity"] = self._positive_int(raw["capacity"], f"{field}.capacity", step)
+            if out["refill_rate"] is None:
+                raise self.fail(f"{field}: capacity needs a rate (refill_rate or rate)", step)
+        elif out["refill_rate"] is not None:
+            out["capacity"] = 1  # no burst unless asked for
+        if out["key"] is None and out["refill_rate"] is None:
+            raise self.fail(f"{field}: give a rate (and capacity), or the key of a bucket defined in the admin", step)
+        return out
+
+    def _concurrency(self, raw: Any, field: str, step: str | None) -> dict[str, Any] | None:
+        """``concurrency``: ``{key, limit}``; ``2`` (limit) or ``"<key>"`` shorthand.
+
+        Normalized: ``{"key": str | None, "limit": int | None}``; without a limit the key must be
+        defined in the admin.
+        """
+        if raw is None:
+            return None
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            raw = {"limit": raw}
+        elif isinstance(raw, str):
+            raw = {"key": raw}
+        if not isinstance(raw, dict):
+            raise self.fail(f"{field}: must be a mapping such as {{key: ..., limit: 2}}", step)
+        self._check_keys(raw, _CONCURRENCY_KEYS, f"{field}: ", step)
+        out: dict[str, Any] = {"key": None, "limit": None}
+        if raw.get("key") is not None:
+            out["key"] = self._flow_key(raw["key"], f"{field}.key", step)
+        if raw.get("limit") is not None:
+            out["limit"] = self._positive_int(raw["limit"], f"{field}.limit", step)
+        if out["key"] is None and out["limit"] is None:
+            raise self.fail(f"{field}: give a limit, or the key of a limit defined in the admin", step)
+        return out
+
+    def _check_flow_keys(self, step: dict[str, Any], variables: Mapping[str, Any]) -> None:
+        """Key expressions may use variables, ``run.*``, ``step.*`` and, in a for_each, the loop names."""
+        loop = {step["as"], "item", "index"} if step["for_each"] is not None else set()
+        for what in ("rate_limit", "concurrency"):
+            declared = step.get(what)
+            if not declared or not declared.get("key"):
+                continue
+            found = expressions.analyze(declared["key"])
+            if found.step_ids:
+                raise self.fail(f"{what}.key: may not use step outputs (steps.{sorted(found.step_ids)[0]})", step["id"])
+            for name in sorted(found.var_names | found.bare_names):
+                if name in variables or name in _FLOW_KEY_NAMES or name in loop or name in expressions.GLOBAL_NAMES:
+                    continue
+                raise self.fail(f"{what}.key references undefined name {name!r}", step["id"])
 
     def _outputs(self, raw: Any, variables: Mapping[str, Any], step_ids: set[str]) -> dict[str, Any] | None:
         if raw is None:
@@ -769,6 +912,7 @@ class _SpecLoader:
         self._check_cycles(steps, by_id)
         for step in steps:
             self._check_references(step, by_id, variables)
+            self._check_flow_keys(step, variables)
         return steps
 
     def _step(self, raw: Any, where: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -806,6 +950,13 @@ class _SpecLoader:
             if raw.get("type") is None:
                 raise self.fail("missing 'type'", sid)
             type_name = self._type(raw["type"], "type", sid)
+        if "credential" in raw:
+            # `credential: <alias>` beside `call` (seed 004 style) is the http param of that name
+            if type_name != "http":
+                raise self.fail(f"'credential' is only valid on http steps, not {type_name}", sid)
+            if "credential" in params:
+                raise self.fail("'credential' is given both on the step and in its params", sid)
+            params = {**params, "credential": raw["credential"]}
 
         retry = dict(defaults["retry"])
         retry.update(self._retry_of(raw, "", sid))
@@ -849,6 +1000,17 @@ class _SpecLoader:
             params = self._parallel_params(params, sid, retry, timeout)
         self._validate_params(type_name, params, "params", sid)
 
+        # flow control: the step's own declaration wins over defaults (`rate_limit: null` opts out)
+        flow: dict[str, Any] = {}
+        for name, parse in (("rate_limit", self._rate_limit), ("concurrency", self._concurrency)):
+            value = parse(raw[name], name, sid) if name in raw else defaults.get(name)
+            if value is not None and type_name == "condition":
+                if name in raw:
+                    raise self.fail(f"{name} does not apply to condition steps (they run inside the engine)", sid)
+                continue  # a default does not apply to steps the engine runs itself
+            if value is not None:
+                flow[name] = copy.deepcopy(value)
+
         return {
             "id": sid,
             "name": self._string(raw.get("name"), "name", default=sid, step=sid),
@@ -866,6 +1028,7 @@ class _SpecLoader:
             "on_failure": on_failure,
             "branch_of": None,
             "refs": [],
+            **flow,  # rate_limit / concurrency, present only when declared
         }
 
     def _parallel_params(

@@ -27,6 +27,19 @@ EXAMPLES = ROOT / "examples"
 SERVICE_TOKEN = "tok-CANARY-5f3a9e"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _clean_reused_database(django_db_setup, django_db_blocker):
+    """--reuse-db keeps the schema between sessions; rows an interrupted session left behind are
+    removed once at the start (then the data migration's default tenant is put back)."""
+    from django.core.management import call_command
+
+    from runs.models import Tenant
+
+    with django_db_blocker.unblock():
+        call_command("flush", interactive=False, verbosity=0)
+        Tenant.objects.get_or_create(slug="default", defaults={"name": "Default"})
+
+
 @pytest.fixture(scope="session")
 def agent_server():
     server = AgentServer().start()
@@ -35,7 +48,8 @@ def agent_server():
 
 
 @pytest.fixture(scope="session")
-def worker_env(agent_server, tmp_path_factory):
+def worker_env(django_db_setup, agent_server, tmp_path_factory):
+    # django_db_setup first: DATABASE_URL below must name the test database, not the main one
     from django.db import connection
 
     db = connection.settings_dict
@@ -48,6 +62,7 @@ def worker_env(agent_server, tmp_path_factory):
         ORCHESTRATOR_AGENTS_BASE_URL=agent_server.url,
         ORCHESTRATOR_SERVICE_TOKEN=SERVICE_TOKEN,
         ORCHESTRATOR_LLM_BASE_URL=f"{agent_server.url}/v1",
+        ORCHESTRATOR_HTTP_ALLOW_HOSTS="127.0.0.1,localhost",  # the SSRF guard lets the local servers in
         ORCHESTRATOR_DATA_DIR=str(tmp_path_factory.mktemp("worker-data")),
         ORCHESTRATOR_LOG_LEVEL="WARNING",
         PYTHONUNBUFFERED="1",
@@ -108,7 +123,9 @@ def celery_worker_process(django_db_setup, django_db_blocker, worker_env, tmp_pa
     log.close()
     import redis
 
-    redis.Redis.from_url(settings.CELERY_BROKER_URL).delete(settings.CELERY_TASK_DEFAULT_QUEUE)
+    queue = settings.CELERY_TASK_DEFAULT_QUEUE
+    # one Redis list per priority level: queue, queue:1 .. queue:9 (settings, priority_steps)
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).delete(queue, *[f"{queue}:{level}" for level in range(1, 10)])
 
 
 @pytest.fixture
@@ -153,3 +170,97 @@ def run_to_end(yaml_text: str, inputs: dict | None = None, timeout: float = 60.0
     run = wait_for_run(run.pk, timeout=timeout, sweep=sweep)
     steps = {s.step_id: s for s in run.steps.filter(parent__isnull=True)}
     return run, steps
+
+
+# --- tenants, users and API clients (the API, admin and metrics tests) ------------------------------
+
+CHAIN_YAML = """\
+key: chain
+name: A chain
+variables:
+  greeting: {type: string, default: hello}
+  n: {type: integer, required: true}
+steps:
+  - id: a
+    type: noop
+    params: {output: {n: "${n}"}}
+  - id: b
+    type: noop
+    depends_on: [a]
+    params: {output: {greeting: "${greeting}"}}
+"""
+
+
+@pytest.fixture
+def tenants(db):
+    """Two tenants: ``acme`` (the owner's) and ``globex`` (the outsider's)."""
+    from runs.models import Tenant
+
+    return {slug: Tenant.objects.create(slug=slug, name=slug.title()) for slug in ("acme", "globex")}
+
+
+def _user(username: str, tenant, role: str, **extra):
+    from django.contrib.auth import get_user_model
+
+    from runs.models import Membership
+
+    user = get_user_model().objects.create_user(username=username, password="pw-" + username, **extra)
+    if tenant is not None:
+        Membership.objects.create(user=user, tenant=tenant, role=role, is_default=True)
+    return user
+
+
+@pytest.fixture
+def owner(tenants):
+    """Owner of tenant ``acme``."""
+    return _user("owner", tenants["acme"], "owner")
+
+
+@pytest.fixture
+def member(tenants):
+    """Member of tenant ``acme`` (may start, cancel and retry runs)."""
+    return _user("member", tenants["acme"], "member")
+
+
+@pytest.fixture
+def viewer(tenants):
+    """Viewer of tenant ``acme`` (read only)."""
+    return _user("viewer", tenants["acme"], "viewer")
+
+
+@pytest.fixture
+def outsider(tenants):
+    """Owner of tenant ``globex``: must never see anything of ``acme``."""
+    return _user("outsider", tenants["globex"], "owner")
+
+
+def api_client_for(user=None):
+    """A DRF APIClient sending a fresh API token of ``user`` (anonymous when None)."""
+    from knox.models import AuthToken
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    if user is not None:
+        _instance, token = AuthToken.objects.create(user=user)
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+        client.token = token
+    return client
+
+
+@pytest.fixture
+def owner_api(owner):
+    return api_client_for(owner)
+
+
+@pytest.fixture
+def outsider_api(outsider):
+    return api_client_for(outsider)
+
+
+@pytest.fixture
+def chain_template(tenants):
+    """Template ``chain`` (two noop steps, variables ``n`` required and ``greeting``) in ``acme``."""
+    from templates_app.services import save_template
+    from templates_app.spec import load_spec
+
+    return save_template(load_spec(CHAIN_YAML, source="chain.yaml"), CHAIN_YAML, tenant_id="acme").template

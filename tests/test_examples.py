@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from templates_app.spec import load_spec_file
-from tests.conftest import EXAMPLES
+from templates_app.spec import load_spec, load_spec_file
+from tests.conftest import EXAMPLES, ROOT
 
 EXAMPLE_FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".yml"))
 
@@ -27,3 +27,19 @@ def test_readme_example_shape(settings):
     assert steps["per_label"]["as"] == "label"
     assert steps["archive"]["trigger_rule"] == "none_failed"
     assert spec["timeout"] == 900
+
+
+def test_readme_workflow_blocks_load(settings):
+    """Every complete workflow shown in README.md loads as shown there."""
+    import re
+
+    settings.ORCHESTRATOR_PYTHON_CALLABLES = [*settings.ORCHESTRATOR_PYTHON_CALLABLES, "mypkg.notes.filter_by_label"]
+    text = (ROOT / "README.md").read_text()
+    blocks = [
+        b
+        for b in re.findall(r"```yaml\n(.*?)```", text, re.S)
+        if re.search(r"^(key|id):", b, re.M) and re.search(r"^(steps|workflow):", b, re.M)
+    ]
+    assert len(blocks) >= 8
+    for index, block in enumerate(blocks):
+        assert load_spec(block, source=f"README.md yaml block {index}")["steps"]

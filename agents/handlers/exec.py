@@ -13,6 +13,11 @@ param is accepted for seed 002's files and recorded in the trace, nothing more):
   timeout and after the command exits (no stragglers left behind);
 - resource limits set in the child before exec: address space ``ORCHESTRATOR_EXEC_MEMORY_MB``
   MiB (0 = none), CPU seconds ``ceil(timeout) + 1``, file size 100 MiB, no core dumps;
+- a process limit, ``ORCHESTRATOR_EXEC_MAX_PROCESSES``, that holds for root too (a pids cgroup
+  where one can be made, else a watchdog counting the command's session): a fork bomb is killed
+  whole and the step fails with "process limit reached" (``agents.sandbox``);
+- Landlock where the kernel has it: reads anywhere, writes only inside the work directory, no
+  signals to processes outside the command (it cannot kill its worker);
 - stdout kept up to ``ORCHESTRATOR_EXEC_MAX_OUTPUT`` bytes (the rest is read and dropped),
   stderr's tail kept.
 
@@ -56,6 +61,7 @@ from typing import Any
 
 from django.conf import settings
 
+from .. import sandbox
 from ..httpclient import duration_ms
 from ..registry import StepContext, StepError, StepHandler, StepTimeout, is_expression, register
 
@@ -71,6 +77,12 @@ STDERR_CHARS = 4000
 #: Seconds to wait for the pipes to close after the command exited (a background child may
 #: still hold them; it is killed with the process group afterwards).
 PIPE_GRACE = 0.5
+
+#: Seconds between two checks of the process limit while a command runs.
+LIMIT_CHECK = 0.05
+
+#: Tests set this to exercise the watchdog where a pids cgroup could be made.
+FORCE_WATCHDOG = False
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SEED002_INPUT = "/workspace/input/"
@@ -137,6 +149,7 @@ class ExecHandler(StepHandler):
             raise StepTimeout("exec: no time left before the step's deadline")
         memory_mb = int(getattr(settings, "ORCHESTRATOR_EXEC_MEMORY_MB", 1024) or 0)
         max_output = int(getattr(settings, "ORCHESTRATOR_EXEC_MAX_OUTPUT", 1_000_000))
+        max_processes = int(getattr(settings, "ORCHESTRATOR_EXEC_MAX_PROCESSES", 64) or 0)
 
         with tempfile.TemporaryDirectory(prefix="orchestrator-exec-") as workdir:
             _write_files(workdir, p.get("files") or [])
@@ -149,6 +162,21 @@ class ExecHandler(StepHandler):
                 trace_data["image"] = p["image"]
                 trace_data["note"] = "no container runtime: ran as a local process"
 
+            limit = (
+                sandbox.process_limit(max_processes, memory_mb * 1024 * 1024, force_watchdog=FORCE_WATCHDOG)
+                if max_processes > 0
+                else None
+            )
+            try:
+                ruleset = sandbox.landlock_ruleset(workdir)
+            except OSError as exc:
+                if limit is not None:
+                    limit.close()
+                raise StepError(f"exec sandbox unavailable: {exc}") from None
+            trace_data["sandbox"] = {
+                "process_limit": f"{limit.mode} ({max_processes})" if limit else "none",
+                "landlock_abi": sandbox.landlock_abi() if ruleset is not None else None,
+            }
             started = time.monotonic()
             try:
                 proc = subprocess.Popen(
@@ -160,23 +188,33 @@ class ExecHandler(StepHandler):
                     stderr=subprocess.PIPE,
                     start_new_session=True,
                     close_fds=True,
-                    preexec_fn=_limits(memory_mb, timeout),
+                    preexec_fn=sandbox.child_setup(limit, ruleset, _limits(memory_mb, timeout)),
                 )
             except (FileNotFoundError, PermissionError) as exc:
+                _release(limit, ruleset)
                 reason = "not found" if isinstance(exc, FileNotFoundError) else "not executable"
                 message = f"command {reason}: {argv[0]}"
                 self.trace(ctx, "exec", f"exec {argv[0]} -> {reason}", {**trace_data, "error": message})
                 raise StepError(message, permanent=True) from None
             except (OSError, subprocess.SubprocessError) as exc:
+                _release(limit, ruleset)
                 message = f"could not start {argv[0]}: {type(exc).__name__}: {exc}"
                 self.trace(ctx, "exec", f"exec {argv[0]} -> not started", {**trace_data, "error": message})
                 raise StepError(message) from None
 
+            if ruleset is not None:
+                os.close(ruleset)
+            if limit is not None:
+                limit.started(proc.pid)
             try:
-                captured = _communicate(proc, stdin, started + timeout, max_output)
+                captured = _communicate(proc, stdin, started + timeout, max_output, limit)
             finally:
                 _kill_group(proc)
+                if limit is not None:
+                    limit.close()  # kills stragglers that left the process group, removes the cgroup
             elapsed = duration_ms(started)
+            if limit is not None:
+                trace_data["sandbox"]["peak_processes"] = limit.peak
 
         output: dict[str, Any] = {
             "exit_code": proc.returncode,
@@ -193,6 +231,12 @@ class ExecHandler(StepHandler):
             stderr_tail=output["stderr"][-500:],
         )
         shown = " ".join(argv)[:200]
+        if captured.limit_hit:
+            message = f"command killed: {captured.limit_hit}"
+            trace_data["error"] = message
+            self.trace(ctx, "exec", f"exec {shown} -> {captured.limit_hit} in {elapsed} ms", trace_data)
+            # A command that forks without bound does so again: retrying cannot help.
+            raise StepError(message, permanent=True, output=output)
         if captured.timed_out:
             message = f"command timed out after {timeout:.3g}s (process group killed)"
             trace_data["error"] = message
@@ -216,16 +260,25 @@ class _Captured:
     stderr_tail: bytearray = field(default_factory=bytearray)
     truncated: bool = False
     timed_out: bool = False
+    limit_hit: str | None = None  # why the process limit killed the command
 
     def stderr_text(self) -> str:
         return self.stderr_tail.decode("utf-8", errors="replace")
 
 
-def _communicate(proc: subprocess.Popen[bytes], stdin: bytes | None, deadline: float, max_output: int) -> _Captured:
+def _communicate(
+    proc: subprocess.Popen[bytes],
+    stdin: bytes | None,
+    deadline: float,
+    max_output: int,
+    limit: sandbox.ProcessLimit | None = None,
+) -> _Captured:
     """Feed stdin and drain stdout/stderr until the command ends or ``deadline`` passes.
 
     Memory stays bounded whatever the command prints: stdout beyond ``max_output`` bytes and all
     but the last 16 KiB of stderr are read and dropped. On timeout the process group is killed.
+    ``limit`` is checked every ``LIMIT_CHECK`` seconds; when it is hit every process of the
+    command is killed and ``limit_hit`` says why.
     """
     out = _Captured()
     stderr_keep = 4 * STDERR_CHARS * 4  # bytes: 4000 characters of up to 4 UTF-8 bytes each
@@ -241,16 +294,24 @@ def _communicate(proc: subprocess.Popen[bytes], stdin: bytes | None, deadline: f
             else:
                 proc.stdin.close()
         exited_at: float | None = None
+        next_check = 0.0
         while selector.get_map():
             now = time.monotonic()
             if now >= deadline:
                 out.timed_out = True
                 break
+            if limit is not None and now >= next_check:
+                next_check = now + LIMIT_CHECK
+                out.limit_hit = limit.check()
+                if out.limit_hit:
+                    limit.kill_all()
+                    break
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at > PIPE_GRACE:
                 break  # a background child keeps the pipes open; it dies with the group
-            for key, _ in selector.select(timeout=min(deadline - now, 0.25)):
+            wait = min(deadline - now, LIMIT_CHECK if limit is not None else 0.25)
+            for key, _ in selector.select(timeout=wait):
                 if key.data == "stdin":
                     assert pending is not None and proc.stdin is not None
                     try:
@@ -279,7 +340,7 @@ def _communicate(proc: subprocess.Popen[bytes], stdin: bytes | None, deadline: f
                     out.stderr_tail += chunk
                     if len(out.stderr_tail) > stderr_keep:
                         del out.stderr_tail[:-stderr_keep]
-    if out.timed_out:
+    if out.timed_out or out.limit_hit:
         _kill_group(proc)
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None and not pipe.closed:
@@ -292,6 +353,14 @@ def _communicate(proc: subprocess.Popen[bytes], stdin: bytes | None, deadline: f
         _kill_group(proc)
         proc.wait()
     return out
+
+
+def _release(limit: sandbox.ProcessLimit | None, ruleset: int | None) -> None:
+    """Undo the sandbox preparations of a command that did not start."""
+    if ruleset is not None:
+        os.close(ruleset)
+    if limit is not None:
+        limit.close()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -15,6 +15,11 @@ Params:
         ``null``/``false`` disables the check).
     expect_json: a 2xx answer that is not JSON is a failure.
     follow_redirects: default false (a 3xx is then a permanent failure).
+    credential: alias of a :class:`~agents.models.Credential` of the run's tenant, resolved and
+        decrypted when the attempt runs (``agents.credentials.resolve``): bearer, basic, header
+        or api key. It replaces the service token; its secret is masked in traces, errors,
+        outputs and logs. Unknown alias, a host outside its ``allowed_hosts`` or an undecryptable
+        secret are permanent failures.
     operation (with neither url nor call): a seed-002 data task; the params minus the ones above
         are POSTed as JSON to ``ORCHESTRATOR_DATA_SERVICE_URL``.
 
@@ -24,14 +29,19 @@ Output on success: ``{"status": int, "body": parsed JSON | text | None, "headers
 Failures (``StepError``, with ``http_status`` and the same shape as ``output``): non-2xx; a 2xx
 JSON object with ``ok: false`` (transient); 4xx other than 408/429 and unfollowed 3xx are
 permanent; 429/503 carry ``retry_after`` from ``Retry-After`` (RFC 9110 section 10.2.3);
-connection errors are transient; timeouts raise ``StepTimeout``.
+connection errors are transient; timeouts raise ``StepTimeout``. A destination refused by the
+SSRF guard (loopback, link-local, private ranges, also behind a redirect or a DNS name, unless on
+``ORCHESTRATOR_HTTP_ALLOW_HOSTS``: ``agents.netguard``) is a permanent failure.
 
+With ``ORCHESTRATOR_SERVICE_JWT_KEY`` set, the service credential is a short-lived signed JWT
+naming the tenant, run, step and attempt (``agents.service_auth``) instead of the static token.
 The service token is sent only to the configured agents base URL's origin (``call`` steps, and
 ``url`` steps pointing there) and to the data service: never to a URL a workflow chose freely.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,10 +59,13 @@ from ..httpclient import (
     parse_retry_after,
     read_body,
 )
+from ..netguard import BlockedAddress
 from ..redaction import known_secrets, redact, redact_headers
 from ..registry import StepContext, StepError, StepHandler, StepTimeout, is_expression, register
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+#: A credential alias (a slug, as ``agents.models.Credential.alias``).
+_ALIAS = re.compile(r"[-a-zA-Z0-9_]+")
 
 #: Params that shape the request; the others of a seed-002 data task form its body.
 TRANSPORT_PARAMS = frozenset(
@@ -69,6 +82,7 @@ TRANSPORT_PARAMS = frozenset(
         "ok_field",
         "expect_json",
         "follow_redirects",
+        "credential",
     }
 )
 
@@ -125,6 +139,10 @@ class HttpHandler(StepHandler):
             value = params.get(name)
             if value is not None and not is_expression(value) and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false")
+        credential = params.get("credential")
+        if credential is not None and not is_expression(credential):
+            if not isinstance(credential, str) or not _ALIAS.fullmatch(credential):
+                raise ValueError("credential must be a credential alias (letters, digits, '-' and '_')")
 
     def run(self, ctx: StepContext) -> Any:
         """Send the request and map the answer (see the module docstring)."""
@@ -133,6 +151,7 @@ class HttpHandler(StepHandler):
         shown = _display_url(url)
         method = str(p.get("method") or default_method).upper()
         headers = {str(k): str(v) for k, v in (p.get("headers") or {}).items() if v is not None}
+        secret_query = self._apply_credential(p, headers, url, method, shown, ctx)
         self._add_standard_headers(headers, url, ctx)
 
         cap = _param_timeout(p)
@@ -141,9 +160,10 @@ class HttpHandler(StepHandler):
             raise StepTimeout(f"{method} {shown}: no time left before the step's deadline")
         request: dict[str, Any] = {
             "headers": headers,
-            "params": p.get("params") or None,
+            "params": {**(p.get("params") or {}), **secret_query} or None,
             "timeout": timeout,
-            "follow_redirects": bool(p.get("follow_redirects", False)),
+            # a credential is never carried along a redirect (it could lead to another host)
+            "follow_redirects": bool(p.get("follow_redirects", False)) and not p.get("credential"),
         }
         if isinstance(body, (str, bytes)):
             request["content"] = body
@@ -158,6 +178,8 @@ class HttpHandler(StepHandler):
             "request_headers": redact_headers(headers),
             "attempt": ctx.attempt,
         }
+        if p.get("credential"):
+            trace_data["credential"] = str(p["credential"])  # the alias, never the secret
         started = time.monotonic()
         try:
             with get_client().stream(method, url, **request) as response:
@@ -170,6 +192,10 @@ class HttpHandler(StepHandler):
             raise StepError(_clean(f"{method} {shown}: {_describe(exc)}"), permanent=True) from None
         except BodyTooLarge as exc:
             self._trace_error(ctx, trace_data, started, "response too large", exc)
+            raise StepError(_clean(f"{method} {shown}: {exc}"), permanent=True) from None
+        except BlockedAddress as exc:
+            # SSRF guard (agents.netguard): the same URL will be refused again, do not retry.
+            self._trace_error(ctx, trace_data, started, "refused by the SSRF guard", exc)
             raise StepError(_clean(f"{method} {shown}: {exc}"), permanent=True) from None
         except httpx.HTTPError as exc:
             self._trace_error(ctx, trace_data, started, "connection error", exc)
@@ -212,12 +238,52 @@ class HttpHandler(StepHandler):
             body = {k: v for k, v in p.items() if k not in TRANSPORT_PARAMS}
         return data_url, "POST", body
 
+    def _apply_credential(
+        self, p: dict[str, Any], headers: dict[str, str], url: str, method: str, shown: str, ctx: StepContext
+    ) -> dict[str, str]:
+        """Add the step's ``credential`` to ``headers``; return its query parameters (secret).
+
+        Raises a permanent StepError when the credential cannot be used (one line, no secret).
+        """
+        alias = p.get("credential")
+        if alias is None or alias == "":
+            return {}
+        from ..credentials import CredentialError, resolve
+
+        try:
+            resolved = resolve(ctx.tenant_id or "default", str(alias), url)
+        except CredentialError as exc:
+            self.trace(ctx, "http", f"{method} {shown}: {exc}", {"credential": str(alias), "error": str(exc)})
+            raise StepError(_clean(f"{method} {shown}: {exc}"), permanent=True) from None
+        lowered = {name.lower(): name for name in headers}
+        for name, value in resolved.headers.items():
+            headers.pop(lowered.get(name.lower(), name), None)
+            headers[name] = value
+        return dict(resolved.query)
+
     def _add_standard_headers(self, headers: dict[str, str], url: str, ctx: StepContext) -> None:
-        """Service token (trusted origins only), idempotency key and correlation id."""
+        """Service credential (trusted origins only), idempotency key and correlation id.
+
+        The service credential is a signed JWT for this attempt when ``ORCHESTRATOR_SERVICE_JWT_KEY``
+        is set (``agents.service_auth``), else the static ``ORCHESTRATOR_SERVICE_TOKEN``; a step's
+        own ``Authorization`` header or credential wins.
+        """
         present = {name.lower() for name in headers}
-        token = getattr(settings, "ORCHESTRATOR_SERVICE_TOKEN", "") or ""
-        if token and "authorization" not in present and _trusted(url):
-            headers["Authorization"] = f"Bearer {token}"
+        if "authorization" not in present and _trusted(url):
+            from .. import service_auth
+
+            if service_auth.enabled():
+                token = service_auth.mint(
+                    tenant_id=ctx.tenant_id,
+                    run_id=ctx.run_id,
+                    step_id=ctx.step_id,
+                    attempt=ctx.attempt,
+                    idempotency_key=ctx.idempotency_key,
+                )
+            else:
+                token = getattr(settings, "ORCHESTRATOR_SERVICE_TOKEN", "") or ""
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
         if ctx.idempotency_key and "x-idempotency-key" not in present:
             headers["X-Idempotency-Key"] = ctx.idempotency_key
         if ctx.correlation_id and "x-correlation-id" not in present:

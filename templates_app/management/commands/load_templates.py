@@ -18,13 +18,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("dirs", nargs="*", help="folders of workflow YAML files")
+        parser.add_argument("--tenant", default="default", help="slug of the tenant the templates belong to")
 
     def handle(self, *args, **options) -> None:
         ensure_embedded_database()
         try:
-            results = load_builtin_templates()
+            tenant = options["tenant"]
+            results = load_builtin_templates(tenant_id=tenant)
             for directory in [*settings.ORCHESTRATOR_TEMPLATE_DIRS, *options["dirs"]]:
-                results += load_directory(directory)
+                results += load_directory(directory, tenant_id=tenant)
         except WorkflowError as exc:
             fail_input(self.stderr, str(exc))
         for result in results:

@@ -1,0 +1,64 @@
+"""System checks of the agents app (``manage.py check``; ids ``agents.E0xx`` / ``agents.W0xx``)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Error, Tags, Warning, register
+
+
+@register(Tags.security)
+def check_fernet_keys(app_configs=None, **kwargs) -> list:
+    """E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key. W001: none is configured."""
+    from cryptography.fernet import Fernet
+
+    problems = []
+    keys = getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []
+    for index, key in enumerate(keys):
+        try:
+            Fernet(key.encode())
+        except (ValueError, TypeError):
+            problems.append(
+                Error(
+                    f"ORCHESTRATOR_FERNET_KEYS: key #{index + 1} is not a urlsafe-base64 32-byte Fernet key",
+                    hint="Generate one with `python manage.py rotate_keys --generate`.",
+                    id="agents.E001",
+                )
+            )
+    if not keys and not settings.DEBUG and not getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
+        problems.append(
+            Warning(
+                "Credential secrets are encrypted with a key derived from SECRET_KEY.",
+                hint="Set ORCHESTRATOR_FERNET_KEYS (newest first) so SECRET_KEY can change without losing them.",
+                id="agents.W001",
+            )
+        )
+    return problems
+
+
+@register(Tags.security)
+def check_service_jwt(app_configs=None, **kwargs) -> list:
+    """E002: the service JWT algorithm is unknown, or an asymmetric one has no PEM private key."""
+    key = getattr(settings, "ORCHESTRATOR_SERVICE_JWT_KEY", "")
+    if not key:
+        return []
+    algorithm = getattr(settings, "ORCHESTRATOR_SERVICE_JWT_ALGORITHM", "HS256")
+    import jwt
+
+    if algorithm.lower() == "none" or algorithm not in jwt.algorithms.get_default_algorithms():
+        return [Error(f"ORCHESTRATOR_SERVICE_JWT_ALGORITHM: unknown algorithm {algorithm!r}", id="agents.E002")]
+    if not algorithm.startswith("HS") and "PRIVATE KEY" not in key:
+        return [
+            Error(
+                f"ORCHESTRATOR_SERVICE_JWT_KEY: {algorithm} needs a PEM private key",
+                hint="Or use HS256 with a shared secret.",
+                id="agents.E002",
+            )
+        ]
+    if algorithm.startswith("HS") and len(key) < 32:
+        return [
+            Warning(
+                "ORCHESTRATOR_SERVICE_JWT_KEY is shorter than 32 characters (RFC 7518 section 3.2).",
+                id="agents.W002",
+            )
+        ]
+    return []

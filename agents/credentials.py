@@ -1,0 +1,245 @@
+"""Credentials: tenant secrets encrypted at rest, resolved by alias when an ``http`` step runs.
+
+Encryption is Fernet (cryptography.io "Fernet (symmetric encryption)": AES-128-CBC with an
+HMAC-SHA256 tag and a timestamp) through ``MultiFernet`` so keys can be rotated:
+``ORCHESTRATOR_FERNET_KEYS`` lists urlsafe-base64 32-byte keys, the NEWEST FIRST; the first
+encrypts, all decrypt. Rotation (``manage.py rotate_keys``): put a new key first, run the command
+(every secret is re-encrypted with it, ``MultiFernet.rotate``), then drop the old key. Without
+the setting one key is derived from ``SECRET_KEY`` with HKDF-SHA256 (RFC 5869) so a development
+machine works out of the box; system check ``agents.W001`` warns about it.
+
+A resolved secret is registered with ``agents.redaction.register_secret`` before it is used, so
+everything this process writes afterwards (traces, errors, outputs, log lines) masks it.
+Every resolution counts in ``credential_resolution_total{alias,status}`` (seed 000); statuses:
+``ok``, ``not_found``, ``host_denied``, ``decrypt_error``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .redaction import register_secret
+
+log = logging.getLogger("orchestrator.credentials")
+
+#: HKDF ``info`` of the development key derived from SECRET_KEY (changing it orphans secrets).
+_DERIVED_KEY_INFO = b"orchestrator.credentials.fernet.v1"
+
+RESOLUTION_STATUSES = ("ok", "not_found", "host_denied", "decrypt_error")
+
+
+class CredentialError(Exception):
+    """A credential cannot be used; ``str()`` is one line naming the alias (never the secret)."""
+
+
+# --- metric -------------------------------------------------------------------------------------
+
+
+def _counter():
+    """``credential_resolution_total{alias,status}``, created once per process.
+
+    Reuses a collector of that name when another module registered it first (prometheus_client
+    refuses duplicates), so import order between modules never matters.
+    """
+    from prometheus_client import REGISTRY, Counter
+
+    existing = getattr(REGISTRY, "_names_to_collectors", {}).get("credential_resolution_total")
+    if existing is not None:
+        return existing
+    return Counter(
+        "credential_resolution", "Credential lookups by http steps, by alias and status.", ["alias", "status"]
+    )
+
+
+_RESOLUTIONS = _counter()
+
+
+def _count(alias: str, status: str) -> None:
+    try:
+        _RESOLUTIONS.labels(alias=alias[:100], status=status).inc()
+    except Exception:  # pragma: no cover - a metric must never fail a step
+        log.debug("credential metric failed", exc_info=True)
+
+
+# --- keys and encryption -------------------------------------------------------------------------
+
+
+def derived_key() -> bytes:
+    """The Fernet key derived from ``SECRET_KEY`` (HKDF-SHA256), used when no keys are configured."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_DERIVED_KEY_INFO)
+    return base64.urlsafe_b64encode(hkdf.derive(settings.SECRET_KEY.encode()))
+
+
+def configured_keys() -> list[bytes]:
+    """The keys in use, newest first: ``ORCHESTRATOR_FERNET_KEYS``, else the derived key."""
+    keys = [k.encode() for k in (getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []) if k]
+    return keys or [derived_key()]
+
+
+@functools.lru_cache(maxsize=8)
+def _multi(keys: tuple[bytes, ...]) -> MultiFernet:
+    fernets = []
+    for index, key in enumerate(keys):
+        try:
+            fernets.append(Fernet(key))
+        except (ValueError, TypeError):
+            raise ImproperlyConfigured(
+                f"ORCHESTRATOR_FERNET_KEYS: key #{index + 1} is not a urlsafe-base64 32-byte Fernet key"
+            ) from None
+    return MultiFernet(fernets)
+
+
+def fernet() -> MultiFernet:
+    """The ``MultiFernet`` of the configured keys (cached per key list; settings are read each call)."""
+    return _multi(tuple(configured_keys()))
+
+
+def generate_key() -> str:
+    """A new random Fernet key (text), for ``ORCHESTRATOR_FERNET_KEYS``."""
+    return Fernet.generate_key().decode()
+
+
+def encrypt(secret: str) -> str:
+    """The Fernet token (text) of ``secret``, encrypted with the newest key."""
+    if not isinstance(secret, str):
+        raise TypeError("a secret must be a string")
+    return fernet().encrypt(secret.encode()).decode()
+
+
+def decrypt(token: str) -> str:
+    """The secret of a Fernet token. Raises CredentialError when no configured key opens it."""
+    try:
+        return fernet().decrypt(token.encode()).decode()
+    except (InvalidToken, ValueError, TypeError, AttributeError):
+        raise CredentialError("cannot be decrypted with the keys in ORCHESTRATOR_FERNET_KEYS") from None
+
+
+def rotate_all(batch_size: int = 500) -> tuple[int, int]:
+    """Re-encrypt every credential with the newest key. Returns ``(rotated, failed)``.
+
+    A secret none of the configured keys can open is left as it is and counted as failed
+    (the operator removed a key too early); the command reports the aliases.
+    """
+    from django.db import transaction
+
+    from .models import Credential
+
+    multi = fernet()
+    rotated = failed = 0
+    last_pk = 0
+    while True:
+        with transaction.atomic():
+            rows = list(Credential.objects.select_for_update().filter(pk__gt=last_pk).order_by("pk")[:batch_size])
+            if not rows:
+                return rotated, failed
+            for row in rows:
+                last_pk = row.pk
+                try:
+                    token = multi.rotate(row.secret_encrypted.encode()).decode()
+                except InvalidToken:
+                    failed += 1
+                    log.warning("credential %s of tenant %s cannot be decrypted: not rotated", row.alias, row.tenant_id)
+                    continue
+                Credential.objects.filter(pk=row.pk).update(secret_encrypted=token)
+                rotated += 1
+
+
+def undecryptable() -> list[str]:
+    """``tenant/alias`` of the credentials that no configured key opens (empty when all are fine)."""
+    from .models import Credential
+
+    multi = fernet()
+    bad = []
+    for row in Credential.objects.only("tenant_id", "alias", "secret_encrypted").iterator():
+        try:
+            multi.decrypt(row.secret_encrypted.encode())
+        except InvalidToken:
+            bad.append(f"{row.tenant_id}/{row.alias}")
+    return bad
+
+
+# --- resolution at run time ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedCredential:
+    """What to add to a request: ``headers`` and ``query`` parameters (their values are secret)."""
+
+    alias: str
+    kind: str
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    query: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def host_allowed(allowed: list[str] | None, url: str) -> bool:
+    """True when ``allowed`` is empty or names ``url``'s host (``*.example.com`` matches subdomains)."""
+    if not allowed:
+        return True
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    for entry in allowed:
+        entry = str(entry).lower().strip().rstrip(".")
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]) and host != entry[2:]:
+                return True
+        elif host == entry:
+            return True
+    return False
+
+
+def resolve(tenant_id: str, alias: str, url: str) -> ResolvedCredential:
+    """Load, check and decrypt credential ``alias`` of ``tenant_id`` for a request to ``url``.
+
+    Registers the secret (and the derived Basic value) for redaction first. Raises
+    CredentialError (one line naming the alias): not found in the tenant, host not in its
+    ``allowed_hosts``, or not decryptable with the configured keys.
+    """
+    from .models import ApiKeyLocation, Credential, CredentialKind
+
+    row = Credential.objects.filter(tenant_id=tenant_id, alias=alias).first()
+    if row is None:
+        _count(alias, "not_found")
+        raise CredentialError(f"credential {alias!r} not found in tenant {tenant_id!r}")
+    if not host_allowed(row.allowed_hosts, url):
+        _count(alias, "host_denied")
+        host = urlsplit(url).hostname or "?"
+        raise CredentialError(f"credential {alias!r} may not be sent to host {host!r} (see its allowed_hosts)")
+    try:
+        secret = decrypt(row.secret_encrypted)
+    except CredentialError as exc:
+        _count(alias, "decrypt_error")
+        raise CredentialError(f"credential {alias!r} {exc}") from None
+    register_secret(secret)
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
+    if row.kind == CredentialKind.BEARER:
+        headers["Authorization"] = f"Bearer {secret}"
+    elif row.kind == CredentialKind.BASIC:
+        encoded = base64.b64encode(f"{row.username}:{secret}".encode()).decode()
+        register_secret(encoded)
+        headers["Authorization"] = f"Basic {encoded}"
+    elif row.kind == CredentialKind.HEADER:
+        headers[row.name] = secret
+    else:  # api_key
+        name = row.name or "X-API-Key"
+        if row.location == ApiKeyLocation.QUERY:
+            query[name] = secret
+        else:
+            headers[name] = secret
+    _count(alias, "ok")
+    return ResolvedCredential(alias=alias, kind=row.kind, headers=headers, query=query)
+
+
+def describe(row: Any) -> str:
+    """A one-line, secret-free description of a credential row (admin, logs)."""
+    return f"{row.alias} ({row.kind}) in tenant {row.tenant_id}"

@@ -1,0 +1,181 @@
+"""Structured logs: one JSON object per line, carrying the run, step, tenant and correlation id.
+
+Web and worker processes log through the same configuration (``LOGGING`` in settings is built by
+:func:`build_logging_config`). Three pieces:
+
+- a context (a ``contextvars.ContextVar``) that request middleware, the API and the engine fill
+  with ``request_id``, ``tenant``, ``run_id``, ``step_id``, ``correlation_id``; :class:`ContextFilter`
+  copies it onto every record, so a line logged deep inside a handler still names its run;
+- :class:`RedactFilter`, which masks known secrets (service token, LLM key, credentials) and
+  bearer/token authorization values in the message and the traceback before any handler sees them;
+- :class:`JsonFormatter` (python-json-logger) writing ``{"timestamp", "level", "logger",
+  "message", "process", ...context, ...extra}``.
+
+``ORCHESTRATOR_LOG_FORMAT=text`` switches to plain lines for local debugging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
+
+#: Fields the context may carry, in the order they appear in a line.
+CONTEXT_FIELDS = ("request_id", "tenant", "run_id", "step_id", "correlation_id", "user")
+
+_context: ContextVar[dict[str, Any]] = ContextVar("orchestrator_log_context", default={})  # noqa: B039 - never mutated
+
+# `Authorization: Bearer abc`, `Token abc...`: masked whatever the configured secrets are.
+_AUTH_VALUE = re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def current() -> dict[str, Any]:
+    """The fields bound in the current context (a copy)."""
+    return dict(_context.get())
+
+
+def bind(**fields: Any) -> None:
+    """Add ``fields`` to the current context (None values are dropped); lasts until the scope ends."""
+    merged = {**_context.get(), **{k: str(v) for k, v in fields.items() if v not in (None, "")}}
+    _context.set(merged)
+
+
+@contextlib.contextmanager
+def scope(**fields: Any) -> Iterator[None]:
+    """A nested context: fields bound inside are forgotten when the block exits."""
+    token = _context.set(dict(_context.get()))
+    bind(**fields)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    """Copy the bound context onto each record (a field given with ``extra=`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in _context.get().items():
+            if not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
+def _known_secrets() -> list[str]:
+    try:
+        from agents.redaction import known_secrets
+
+        return known_secrets()
+    except Exception:  # settings or apps not ready (early start-up): nothing configured to mask yet
+        return []
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with known secrets and authorization values replaced by ``***``."""
+    for secret in sorted(secrets if secrets is not None else _known_secrets(), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _AUTH_VALUE.sub(r"\1\2***", text)
+
+
+class RedactFilter(logging.Filter):
+    """Mask secrets in the rendered message and the traceback of every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the line
+            message = str(record.msg)
+        secrets = _known_secrets()
+        record.msg, record.args = redact_text(message, secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, secrets)
+        return True
+
+
+class JsonFormatter(_BaseJsonFormatter):
+    """One JSON object per line: timestamp (UTC ISO 8601), level, logger, message, context, extras."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("timestamp", True)
+        kwargs.setdefault("rename_fields", {"levelname": "level", "name": "logger"})
+        super().__init__("%(levelname)s %(name)s %(message)s %(process)d", *args, **kwargs)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return redact_text(super().formatException(ei))
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for a terminal: ``time level logger message [run_id=... step_id=...]``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return redact_text(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(f"{name}={getattr(record, name)}" for name in CONTEXT_FIELDS if hasattr(record, name))
+        return f"{line} [{fields}]" if fields else line
+
+
+class RequestContextMiddleware:
+    """Bind a request id (the caller's ``X-Request-ID`` when sane, else a new one) for the request.
+
+    The id is echoed in the ``X-Request-ID`` response header so a caller can quote it.
+    """
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        given = request.headers.get("X-Request-ID", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        with scope(request_id=request_id):
+            response = self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response
+
+
+def build_logging_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
+    """The ``LOGGING`` dict: stderr, JSON (or ``fmt="text"``), context and redaction filters.
+
+    Raises ValueError on an unknown ``fmt``.
+    """
+    if fmt not in ("json", "text"):
+        raise ValueError(f"ORCHESTRATOR_LOG_FORMAT: expected json or text, got {fmt!r}")
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {
+            "context": {"()": "orchestrator_site.logging.ContextFilter"},
+            "redact": {"()": "orchestrator_site.logging.RedactFilter"},
+        },
+        "formatters": {
+            "json": {"()": "orchestrator_site.logging.JsonFormatter"},
+            "text": {"()": "orchestrator_site.logging.TextFormatter"},
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": fmt,
+                "filters": ["context", "redact"],
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            # request errors are logged by the API's exception handler with context; keep Django's too
+            "django": {"level": level, "propagate": True},
+        },
+    }

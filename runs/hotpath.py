@@ -1,0 +1,377 @@
+"""Hand-written SQL for the statements every step runs (the engine's hot path).
+
+Profiled with py-spy on ``bench/run.py`` (W1, W2; see docs/readme/reliability-performance.md):
+before this module a no-op step spent most of its worker CPU in the ORM building and compiling
+the same 16 queries, not in PostgreSQL. The statements here do the same work in fewer round trips
+and with no query compilation: the claim, its Attempt row and its trace are one statement (an
+``UPDATE ... FROM runs_run ... RETURNING`` with two INSERTs in a CTE; the spec lookup, the
+conditional update, the re-read of the step and its run and the two inserts were five queries),
+closing a successful attempt is one statement (step and attempt rows), the dependents' counter
+decrement returns the rows that became ready (no second SELECT), and marking steps queued and
+inserting the transaction's traces share one round trip.
+
+Semantics are the ORM code's, to the letter: the same conditions (status, lease token, attempts
+below the limit) guard the same UPDATEs, so who wins a race is decided by PostgreSQL row locks
+exactly as before. On other databases (the embedded SQLite mode) every function falls back to
+the ORM.
+
+Every function runs inside the caller's transaction (``claim_and_begin`` with ``relaxed`` is its
+own) and returns model instances built with ``Model.from_db`` (field converters applied), so the
+engine's other code does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.db.models import F, Model, Q
+
+from .choices import AttemptOutcome, StepStatus
+from .models import Attempt, Run, Step, Trace
+
+__all__ = [
+    "claim_and_begin",
+    "close_success",
+    "decrement_dependents",
+    "insert",
+    "is_postgresql",
+    "mark_queued",
+    "write_batch",
+]
+
+
+def is_postgresql() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _columns(model: type[Model], exclude: Sequence[str] = ()) -> list[Any]:
+    return [f for f in model._meta.concrete_fields if f.attname not in exclude]
+
+
+def _build(model: type[Model], fields: list[Any], values: Sequence[Any]) -> Any:
+    """A model instance from raw column values, converters applied (as the ORM's iterator does)."""
+    converted = []
+    for f, value in zip(fields, values, strict=True):
+        if value is not None and hasattr(f, "from_db_value"):
+            value = f.from_db_value(value, None, connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+
+
+def _claim_orm(
+    step_pk: int, token: uuid.UUID, now: datetime, worker: str, default_timeout: float, grace: float
+) -> tuple[Step, Run] | None:
+    from datetime import timedelta
+
+    spec = Step.objects.filter(pk=step_pk).values_list("spec", flat=True).first()
+    if spec is None:
+        return None
+    timeout = float(spec.get("timeout") or default_timeout)
+    claimed = (
+        Step.objects.filter(pk=step_pk)
+        .filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RETRY_WAIT, next_attempt_at__lte=now))
+        .filter(attempts__lt=F("max_attempts"))
+        .update(
+            status=StepStatus.RUNNING,
+            attempts=F("attempts") + 1,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=timeout + grace),
+            worker=worker,
+            next_attempt_at=None,
+            started_at=now,
+        )
+    )
+    if not claimed:
+        return None
+    step = Step.objects.select_related("run").defer("run__spec").get(pk=step_pk)
+    return step, step.run
+
+
+def _insert_select(model: type[Model], exprs: dict[str, tuple[str, list[Any]]]) -> tuple[str, list[Any]]:
+    """``INSERT INTO <model> (cols) SELECT <exprs>`` parts for a CTE: SQL and its parameters.
+
+    ``exprs`` maps attnames to (SQL expression, params); every other column gets its Python
+    default (as the ORM would insert it), so a column added later with a default still works.
+    """
+    columns, values, params = [], [], []
+    for f in model._meta.concrete_fields:
+        if f.primary_key:
+            continue
+        columns.append(f.column)
+        if f.attname in exprs:
+            sql, extra = exprs[f.attname]
+            values.append(sql)
+            params.extend(extra)
+        else:
+            values.append("%s")
+            params.append(f.get_db_prep_save(f.get_default(), connection))
+    return f"INSERT INTO {model._meta.db_table} ({', '.join(columns)}) SELECT {', '.join(values)}", params
+
+
+#: The "running" trace message, built in SQL: "step '<id>' running (attempt <n>/<max>)".
+_RUNNING_MESSAGE = "'step ''' || c.step_id || ''' running (attempt ' || c.attempts || '/' || c.max_attempts || ')'"
+
+
+def claim_and_begin(
+    step_pk: int,
+    token: uuid.UUID,
+    now: datetime,
+    worker: str,
+    task_id: str,
+    default_timeout: float,
+    grace: float,
+    relaxed: bool,
+) -> tuple[Step, Run, bool] | None:
+    """Claim a step under a lease, and in the same statement write its Attempt row and trace.
+
+    The claim: a step that is queued, or retry_wait and due, with attempts below its limit, is
+    set running with attempts + 1, ``lease_token`` = ``token`` and ``lease_expires_at`` = now +
+    its timeout (spec ``timeout`` seconds, else ``default_timeout``) + ``grace``. A duplicate or
+    late message (step gone, taken, finished, not due) claims nothing.
+
+    One round trip on PostgreSQL. With ``relaxed`` (the caller is not in a transaction) the
+    statement is its own transaction and commits without waiting for the WAL flush
+    (``SET LOCAL synchronous_commit TO OFF``). That is safe for a claim, and only for a claim:
+    losing it in a database crash costs nothing a flushed claim would have saved. If the
+    database crashes after the claim and before the completion, the step is recovered either
+    way (a lost claim leaves it ``queued``, re-sent by the sweeper; a kept one leaves it
+    ``running``, recovered when its lease expires), and the completion, whose commit is
+    flushed, flushes the claim's WAL before its own (WAL is sequential). It saves one disk flush
+    per step (0.2-2 ms on the bench machine). Completions and accepted runs always wait for it.
+
+    The Attempt and trace rows are written only when the run is still active
+    and the step has no flow-control keys (``rate_limit``, ``concurrency``); the returned flag
+    says whether they were, else the caller does that part itself (gate, cancellation).
+    Returns ``(step, run, begun)`` (the run without its spec), or None when nothing was claimed.
+    Other databases: the ORM claim, begun False.
+    """
+    if not is_postgresql():
+        claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace)
+        return (*claimed, False) if claimed else None
+    from .choices import RUN_TERMINAL
+
+    step_fields = _columns(Step)
+    run_fields = _columns(Run, exclude=("spec",))
+    step_table, run_table = Step._meta.db_table, Run._meta.db_table
+    terminal = sorted(str(s) for s in RUN_TERMINAL)
+    claim_returning = ", ".join(
+        [f"s.{f.column}" for f in step_fields] + [f"r.{f.column} AS r_{f.column}" for f in run_fields]
+    )
+    claim_sql = (
+        f"UPDATE {step_table} AS s SET status = %s, attempts = s.attempts + 1, lease_token = %s, "
+        "lease_expires_at = %s + make_interval(secs => "
+        "COALESCE(NULLIF((s.spec ->> 'timeout')::float8, 0), %s) + %s), "
+        "worker = %s, next_attempt_at = NULL, started_at = %s "
+        f"FROM {run_table} AS r "
+        "WHERE s.id = %s AND r.id = s.run_id AND s.attempts < s.max_attempts "
+        "AND (s.status = %s OR (s.status = %s AND s.next_attempt_at <= %s)) "
+        f"RETURNING {claim_returning}"
+    )
+    claim_params = [
+        StepStatus.RUNNING, token, now, float(default_timeout), float(grace), worker, now,
+        step_pk, StepStatus.QUEUED, StepStatus.RETRY_WAIT, now,
+    ]  # fmt: skip
+    begin_if = "FROM c WHERE c.r_status <> ALL(%s) AND NOT (c.spec ? 'rate_limit' OR c.spec ? 'concurrency')"
+    attempt_sql, attempt_params = _insert_select(
+        Attempt,
+        {
+            "step_id": ("c.id", []),
+            "run_id": ("c.run_id", []),
+            "number": ("c.attempts", []),
+            "worker": ("%s", [worker]),
+            "lease_token": ("%s", [token]),
+            "task_id": ("%s", [task_id[:255]]),
+            "outcome": ("%s", [AttemptOutcome.RUNNING]),
+            "started_at": ("%s", [now]),
+        },
+    )
+    trace_sql, trace_params = _insert_select(
+        Trace,
+        {
+            "run_id": ("c.run_id", []),
+            "step_id": ("c.id", []),
+            "attempt": ("c.attempts", []),
+            "kind": ("%s", ["state"]),
+            "message": (_RUNNING_MESSAGE, []),
+            "data": ("jsonb_build_object('worker', %s::text)", [worker]),
+            "created_at": ("%s", [now]),
+        },
+    )
+    sql = (
+        ("SET LOCAL synchronous_commit TO OFF; " if relaxed else "") + f"WITH c AS ({claim_sql}), "
+        f"a AS ({attempt_sql} {begin_if} RETURNING 1), "
+        f"t AS ({trace_sql} {begin_if} RETURNING 1) "
+        "SELECT c.*, (SELECT count(*) FROM a) FROM c"
+    )
+    params = claim_params + attempt_params + [terminal] + trace_params + [terminal]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        if relaxed:
+            cursor.nextset()  # past the SET's empty result
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    step = _build(Step, step_fields, row[: len(step_fields)])
+    run = _build(Run, run_fields, row[len(step_fields) : len(step_fields) + len(run_fields)])
+    step.run = run
+    return step, run, bool(row[-1])
+
+
+def close_success(
+    step: Step, token: uuid.UUID, *, output_json: str, input_json: str, now: datetime, duration_ms: int
+) -> bool:
+    """Record a successful attempt: step succeeded (output, input), its Attempt row closed.
+
+    Only while the step is still running under ``token``; returns False when the lease was taken
+    over (or the step cancelled) and nothing was written. ``output_json``/``input_json`` are JSON
+    texts (already produced by the caller's JSON round trip).
+    """
+    if not is_postgresql():
+        if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token).update(
+            status=StepStatus.SUCCEEDED,
+            output=json.loads(output_json),
+            input=json.loads(input_json),
+            error="",
+            finished_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+        ):
+            return False
+        Attempt.objects.filter(step=step, lease_token=token).update(
+            outcome=AttemptOutcome.SUCCEEDED, finished_at=now, duration_ms=duration_ms
+        )
+        return True
+    sql = (
+        f"WITH s AS (UPDATE {Step._meta.db_table} SET status = %s, output = %s::jsonb, input = %s::jsonb, "
+        "error = '', finished_at = %s, lease_token = NULL, lease_expires_at = NULL "
+        "WHERE id = %s AND status = %s AND lease_token = %s RETURNING id), "
+        f"a AS (UPDATE {Attempt._meta.db_table} SET outcome = %s, finished_at = %s, duration_ms = %s "
+        "WHERE step_id = %s AND lease_token = %s AND EXISTS (SELECT 1 FROM s) RETURNING 1) "
+        "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM a)"
+    )
+    params = [
+        StepStatus.SUCCEEDED,
+        output_json,
+        input_json,
+        now,
+        step.pk,
+        StepStatus.RUNNING,
+        token,
+        AttemptOutcome.SUCCEEDED,
+        now,
+        duration_ms,
+        step.pk,
+        token,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        updated, _ = cursor.fetchone()
+    return bool(updated)
+
+
+def decrement_dependents(step: Step) -> list[Step]:
+    """Decrement ``pending_deps`` of ``step``'s dependents; return those that reached zero.
+
+    One ``UPDATE ... RETURNING`` of the whole rows. The rows are locked in id order first, so two
+    completions sharing dependents cannot deadlock, and the row lock serializes the decrements:
+    exactly one completion sees a dependent reach zero.
+    """
+    names = list(step.dependents)
+    table = Step._meta.db_table
+    placeholders = ", ".join(["%s"] * len(names))
+    if not is_postgresql():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} SET pending_deps = pending_deps - 1 "
+                f"WHERE run_id = %s AND parent_id IS NULL AND step_id IN ({placeholders}) RETURNING id, pending_deps",
+                [step.run_id.hex, *names],
+            )
+            ready = [pk for pk, pending in cursor.fetchall() if pending == 0]
+        return list(Step.objects.filter(pk__in=ready).order_by("id")) if ready else []
+    fields = _columns(Step)
+    returning = ", ".join(f.column for f in fields)
+    sql = (
+        f"UPDATE {table} SET pending_deps = pending_deps - 1 WHERE id IN ("
+        f"SELECT id FROM {table} WHERE run_id = %s AND parent_id IS NULL AND step_id IN ({placeholders}) "
+        f"ORDER BY id FOR UPDATE) RETURNING {returning}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [step.run_id, *names])
+        rows = cursor.fetchall()
+    pending_index = [f.attname for f in fields].index("pending_deps")
+    ready = [_build(Step, fields, row) for row in rows if row[pending_index] == 0]
+    ready.sort(key=lambda s: s.pk)
+    return ready
+
+
+def mark_queued(step_pks: list[int], now: datetime) -> None:
+    """pending -> queued (``queued_at`` = now) for the given steps, in one statement."""
+    if not step_pks:
+        return
+    if not is_postgresql():
+        Step.objects.filter(pk__in=step_pks, status=StepStatus.PENDING).update(status=StepStatus.QUEUED, queued_at=now)
+        return
+    _execute(
+        f"UPDATE {Step._meta.db_table} SET status = %s, queued_at = %s WHERE id = ANY(%s) AND status = %s",
+        [StepStatus.QUEUED, now, list(step_pks), StepStatus.PENDING],
+    )
+
+
+def write_batch(step_pks: list[int], now: datetime, traces: list[Trace]) -> None:
+    """:func:`mark_queued` and :func:`insert` of the traces, in one round trip on PostgreSQL."""
+    if not is_postgresql():
+        mark_queued(step_pks, now)
+        insert(traces)
+        return
+    parts: list[str] = []
+    params: list[Any] = []
+    if step_pks:
+        parts.append(f"UPDATE {Step._meta.db_table} SET status = %s, queued_at = %s WHERE id = ANY(%s) AND status = %s")
+        params += [StepStatus.QUEUED, now, list(step_pks), StepStatus.PENDING]
+    if traces:
+        sql, values = _insert_values(traces)
+        parts.append(sql)
+        params += values
+    if parts:
+        _execute("; ".join(parts), params)
+
+
+def _execute(sql: str, params: list[Any]) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def _insert_values(objs: list[Model]) -> tuple[str, list[Any]]:
+    """A multi-row ``INSERT ... VALUES`` for model instances (of one model): SQL and parameters.
+
+    Values are prepared as the ORM prepares them (``pre_save``, ``get_db_prep_save``), so Python
+    defaults and new columns are honoured; only the statement building is skipped.
+    """
+    model = type(objs[0])
+    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
+    row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    params: list[Any] = []
+    for obj in objs:
+        for f in fields:
+            params.append(f.get_db_prep_save(f.pre_save(obj, True), connection))
+    sql = (
+        f"INSERT INTO {model._meta.db_table} ({', '.join(f.column for f in fields)}) "
+        f"VALUES {', '.join([row_sql] * len(objs))}"
+    )
+    return sql, params
+
+
+def insert(objs: Iterable[Model]) -> None:
+    """INSERT model instances (all of one model, primary keys generated) in one statement."""
+    objs = list(objs)
+    if not objs:
+        return
+    if not is_postgresql():
+        type(objs[0]).objects.bulk_create(objs)
+        return
+    _execute(*_insert_values(objs))
