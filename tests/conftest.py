@@ -10,9 +10,6 @@ stale messages of other runs never reach it. Tests that use it need committed ro
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -72,60 +69,18 @@ def worker_env(django_db_setup, agent_server, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def celery_worker_process(django_db_setup, django_db_blocker, worker_env, tmp_path_factory):
-    """One real ``celery worker`` process (prefork, 4 children) for the session."""
+    """One real ``celery worker`` process (prefork, 4 children) on the session queue."""
     from django.conf import settings
 
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "orchestrator_site",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "4",
-            "-Q",
-            settings.CELERY_TASK_DEFAULT_QUEUE,
-            "--without-gossip",
-            "--without-mingle",
-            "-n",
-            f"test-{os.getpid()}@%h",
-            "-l",
-            "INFO",
-        ],
-        cwd=ROOT,
-        env=worker_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if b"ready." in log_path.read_bytes():
-            break
-        if proc.poll() is not None:
-            raise RuntimeError(f"celery worker exited: {log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    else:
-        raise RuntimeError(f"celery worker did not start: {log_path.read_text()[-3000:]}")
-    proc.log_path = log_path
-    yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-    import redis
+    from tests.workers import purge_queue, start_workers
 
     queue = settings.CELERY_TASK_DEFAULT_QUEUE
-    # one Redis list per priority level: queue, queue:1 .. queue:9 (settings, priority_steps)
-    redis.Redis.from_url(settings.CELERY_BROKER_URL).delete(queue, *[f"{queue}:{level}" for level in range(1, 10)])
+    workers = start_workers(worker_env, tmp_path_factory.mktemp("worker"), concurrency=4, queue=queue)
+    proc = workers.procs[0]
+    proc.log_path = workers.logs[0]
+    yield proc
+    workers.stop()
+    purge_queue(queue)
 
 
 @pytest.fixture
