@@ -247,11 +247,8 @@ def activate_run(run_id: Any) -> bool:
         run.status, run.started_at = RunStatus.RUNNING, now
         run.deadline = now + timedelta(seconds=run_timeout) if run_timeout else None
         Run.objects.filter(pk=run.pk).update(status=run.status, started_at=now, deadline=run.deadline)
-        batch = _Batch()
-        batch.trace(run.pk, TraceKind.STATE, "run started: a concurrency slot is free")
-        roots = list(Step.objects.filter(run=run, parent__isnull=True, pending_deps=0, status=StepStatus.PENDING))
-        _Cascade(run, batch).decide(sorted(roots, key=lambda s: s.pk))
-        batch.flush(priority=run.priority)
+        Trace.objects.create(run_id=run.pk, kind=TraceKind.STATE, message="run started: a concurrency slot is free")
+        decide_pending(run)
         if run.deadline:
             transaction.on_commit(lambda: _schedule_deadline(run.pk, run_timeout))
     return True
