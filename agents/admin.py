@@ -18,8 +18,8 @@ from django.utils.html import format_html
 
 from runs import tenancy
 from runs.admin import TenantFilter, TenantScopedAdmin
+from runs.engine.gate.ratelimit import current_tokens
 
-from . import concurrency, ratelimit
 from .models import (
     ConcurrencyLimit,
     ConcurrencySlot,
@@ -138,13 +138,13 @@ class RateLimitAdmin(SuperuserOnlyAdmin):
     def tokens_now(self, bucket: RateLimit) -> str:
         if bucket.pk is None:
             return "-"
-        return f"{ratelimit.current_tokens(bucket):.2f}"
+        return f"{current_tokens(bucket):.2f}"
 
     def save_model(self, request: HttpRequest, obj: RateLimit, form: Any, change: bool) -> None:
         now = timezone.now()
         if change:
             current = RateLimit.objects.get(pk=obj.pk)
-            obj.tokens = min(float(obj.capacity), ratelimit.current_tokens(current, now))
+            obj.tokens = min(float(obj.capacity), current_tokens(current, now))
         else:
             obj.tokens = float(obj.capacity)
         obj.last_refill = now
@@ -179,7 +179,9 @@ class ConcurrencyLimitAdmin(SuperuserOnlyAdmin):
     def save_model(self, request: HttpRequest, obj: ConcurrencyLimit, form: Any, change: bool) -> None:
         obj.managed_by = ManagedBy.ADMIN
         super().save_model(request, obj, form, change)
-        woken = concurrency.limit_changed(obj.key)
+        from runs import engine
+
+        woken = engine.limit_changed(obj.key)
         if woken:
             self.message_user(request, f"{woken} waiting step(s) woken", messages.INFO)
 
@@ -223,5 +225,7 @@ class QueuedRunAdmin(ReadOnlyAdmin):
     @admin.action(description="Admit the selected runs that fit their limits now")
     def admit(self, request: HttpRequest, queryset: QuerySet) -> None:
         tenants = sorted(set(queryset.values_list("tenant_id", flat=True)))
-        started = sum(concurrency.promote(tenant) for tenant in tenants)
+        from runs import engine
+
+        started = sum(engine.admit_waiting_runs(tenant) for tenant in tenants)
         self.message_user(request, f"{started} run(s) started", messages.SUCCESS)

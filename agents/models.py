@@ -4,9 +4,9 @@
   give as ``credential: <alias>``; the secret is encrypted at rest (``agents.credentials``).
 - :class:`RateLimit`: a token bucket (seed 004's ``rate_limits`` table: key, tokens, last refill,
   refill rate, capacity), shared by every worker process through the database
-  (``agents.ratelimit``); :class:`TokenReservation` is a waiting step's place in a bucket's line.
+  (``runs.engine.gate.ratelimit``); :class:`TokenReservation` is a waiting step's place in a bucket's line.
 - :class:`ConcurrencyLimit`, :class:`ConcurrencySlot`, :class:`SlotWaiter`, :class:`QueuedRun`:
-  concurrent steps per key and concurrent runs per template or tenant (``agents.concurrency``).
+  concurrent steps per key and concurrent runs per template or tenant (``runs.engine.gate.concurrency``).
   A slot lives exactly as long as the lease of the step holding it.
 
 Other apps call the service modules, not these rows.

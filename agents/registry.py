@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "StepContext",
+    "StepDeferred",
     "StepError",
     "StepHandler",
     "StepTimeout",
@@ -84,6 +85,20 @@ class StepError(Exception):
 
 class StepTimeout(StepError):
     """A step attempt ran out of time (transient by default: the next attempt may be faster)."""
+
+
+class StepDeferred(Exception):
+    """The step may not run yet and no attempt should be spent (e.g. a token budget that resets).
+
+    The engine hands the step back to ``retry_wait`` for ``seconds`` (a Celery countdown or the
+    sweeper), as the flow-control gate does for a rate limit: its attempt row is closed as
+    ``deferred`` and the attempt is not counted against ``max_attempts``.
+    """
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = max(0.0, float(seconds))
+        self.reason = reason
 
 
 def _no_trace(kind: str, message: str, data: dict[str, Any] | None = None) -> None:

@@ -138,7 +138,22 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_DEFAULT_QUEUE = env_str("ORCHESTRATOR_QUEUE", "orchestrator")
+#: The step queue (every `runs.execute_step` message).
+ORCHESTRATOR_QUEUE = CELERY_TASK_DEFAULT_QUEUE = env_str("ORCHESTRATOR_QUEUE", "orchestrator")
+#: The system queue: sweeps, deadline checks, schedule ticks, health report, purge. Its own, so
+#: recovery does not wait behind a backlog of steps; run a worker for it (`-Q <queue>-system`,
+#: or one worker for both queues: `-Q orchestrator,orchestrator-system`).
+ORCHESTRATOR_SYSTEM_QUEUE = env_str("ORCHESTRATOR_SYSTEM_QUEUE", f"{CELERY_TASK_DEFAULT_QUEUE}-system")
+CELERY_TASK_ROUTES = {
+    name: {"queue": ORCHESTRATOR_SYSTEM_QUEUE}
+    for name in (
+        "runs.sweep",
+        "runs.expire_run",
+        "scheduler.run_schedule",
+        "scheduler.health_report",
+        "scheduler.purge_runs",
+    )
+}
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -175,10 +190,17 @@ ORCHESTRATOR_DEFAULT_STEP_TIMEOUT = env_float("ORCHESTRATOR_DEFAULT_STEP_TIMEOUT
 ORCHESTRATOR_DEFAULT_MAX_ATTEMPTS = env_int("ORCHESTRATOR_DEFAULT_MAX_ATTEMPTS", 3)
 #: Seconds added to a step's timeout to form its lease.
 ORCHESTRATOR_LEASE_GRACE = env_float("ORCHESTRATOR_LEASE_GRACE", 30.0)
-#: Seconds a step may sit in `queued` before the sweeper sends its message again.
+#: Seconds a step may sit in `queued` before the sweeper sends its message again (a broker that
+#: lost it). A worker that dies holding messages is detected sooner, by its heartbeat.
 ORCHESTRATOR_REQUEUE_AFTER = env_float("ORCHESTRATOR_REQUEUE_AFTER", 300.0)
 #: Seconds between sweeps (beat entry and the embedded runner's own loop).
-ORCHESTRATOR_SWEEP_INTERVAL = env_float("ORCHESTRATOR_SWEEP_INTERVAL", 10.0)
+ORCHESTRATOR_SWEEP_INTERVAL = env_float("ORCHESTRATOR_SWEEP_INTERVAL", 5.0)
+#: Seconds between a worker's heartbeats (the steps of the messages it holds, runs/workers.py),
+#: and seconds of silence after which the sweeper counts it as gone and re-sends its steps.
+ORCHESTRATOR_WORKER_HEARTBEAT = env_float("ORCHESTRATOR_WORKER_HEARTBEAT", 2.0)
+ORCHESTRATOR_WORKER_LOST_AFTER = env_float("ORCHESTRATOR_WORKER_LOST_AFTER", 10.0)
+#: Most items one for_each may expand to at run time (more fails the step with a clear error).
+ORCHESTRATOR_MAX_FOR_EACH_ITEMS = env_int("ORCHESTRATOR_MAX_FOR_EACH_ITEMS", 10_000)
 #: Retry delays up to this many seconds ride on a Celery countdown; longer ones wait for the sweeper.
 ORCHESTRATOR_COUNTDOWN_MAX = env_float("ORCHESTRATOR_COUNTDOWN_MAX", 60.0)
 #: Inline continuation (runs.engine.execute_step): a worker that finishes a step runs one of the

@@ -44,6 +44,8 @@ class AttemptOutcome(models.TextChoices):
     TIMED_OUT = "timed_out"
     LOST = "lost"  # lease expired: the worker died or stalled
     REFUSED = "refused"  # finished after its lease was taken over; result discarded
+    CANCELLED = "cancelled"  # its run was cancelled or timed out while it ran
+    DEFERRED = "deferred"  # handed back without counting (StepDeferred: e.g. a token budget)
 
 
 class TriggerKind(models.TextChoices):
@@ -52,7 +54,7 @@ class TriggerKind(models.TextChoices):
     API = "api"
     CRON = "cron"
     EVENT = "event"
-    RETRY = "retry"
+    RETRY = "retry"  # a rerun of an earlier run (runs.services.rerun)
 
 
 class TraceKind(models.TextChoices):

@@ -43,7 +43,7 @@ def embedded_worker(concurrency: int = 4, start_timeout: float = 30.0) -> Iterat
         concurrency=concurrency,
         pool="threads",
         hostname=f"embedded@{socket.gethostname()}",
-        queues=[settings.CELERY_TASK_DEFAULT_QUEUE],
+        queues=[settings.CELERY_TASK_DEFAULT_QUEUE, settings.ORCHESTRATOR_SYSTEM_QUEUE],
         loglevel="WARNING",
         without_heartbeat=True,
         without_mingle=True,

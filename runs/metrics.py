@@ -117,6 +117,15 @@ def attempt_finished(handler: str, result: str, seconds: float) -> None:
         log.debug("metrics: attempt_finished failed", exc_info=True)
 
 
+def attempts_cancelled(count: int) -> None:
+    """``count`` running attempts were closed because their run was cancelled or timed out."""
+    if count > 0:
+        try:
+            TASKS_COMPLETED.labels("cancelled").inc(count)
+        except Exception:  # pragma: no cover
+            log.debug("metrics: attempts_cancelled failed", exc_info=True)
+
+
 def run_finished(status: str, seconds: float | None) -> None:
     """A run reached the final ``status``; ``seconds`` from its start (None when it never started)."""
     try:

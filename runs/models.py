@@ -1,6 +1,7 @@
 """Runs, steps, attempts and traces: the rows the engine keeps as the source of truth.
 
-Statuses change only through ``runs.engine`` (conditional UPDATEs that check the transition).
+Statuses change only through ``runs/engine/state.py`` (conditional UPDATEs that check the
+transition, under one lock order: the run, then its steps by id).
 """
 
 from __future__ import annotations
@@ -215,6 +216,9 @@ class Attempt(models.Model):
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    #: LLM calls of this attempt: {"provider", "model", "prompt_tokens", "completion_tokens",
+    #: "total_tokens", "estimated"} (agents.llm); None for attempts that called no model
+    usage = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["step_id", "number"]
@@ -254,3 +258,33 @@ class Trace(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message[:60]}"
+
+
+class WorkerHeartbeat(models.Model):
+    """A live Celery worker process: written every ``ORCHESTRATOR_WORKER_HEARTBEAT`` seconds.
+
+    ``step_ids`` are the steps of the messages it holds (reserved or running), ``pool_pids`` its
+    pool processes (a running attempt's ``Step.worker`` is ``<node>:<pool pid>``). The sweeper
+    treats a worker whose heartbeat is older than ``ORCHESTRATOR_WORKER_LOST_AFTER`` as gone
+    and re-sends its steps at once (runs/engine/sweeper.py ``recover_lost_workers``).
+    """
+
+    #: ``<node>:<main pid>``: a restarted worker with the same node name is another row
+    name = models.CharField(max_length=255, unique=True)
+    node = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    pool_pids = models.JSONField(default=list, blank=True)
+    step_ids = models.JSONField(default=list, blank=True)
+    queues = models.JSONField(default=list, blank=True)
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField()
+
+    class Meta:
+        ordering = ["node"]
+        indexes = [
+            # the sweeper: heartbeats that stopped
+            models.Index(fields=["last_seen"], name="heartbeat_last_seen_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

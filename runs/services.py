@@ -14,15 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import OperationalError, transaction
+from django.db import transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
@@ -38,12 +34,10 @@ from .choices import (
     TraceKind,
     TriggerKind,
 )
+from .engine.lifecycle import RETRYABLE, RetryRefused, RetryResult  # noqa: F401 - RETRYABLE is API
 from .models import Attempt, Run, Step, Trace
 
 log = logging.getLogger("orchestrator.services")
-
-#: Step statuses a retry starts again.
-RETRYABLE = frozenset({StepStatus.FAILED, StepStatus.DEAD, StepStatus.CANCELLED})
 
 
 class ServiceError(Exception):
@@ -256,7 +250,7 @@ def cancel(run: Run, *, reason: str = "cancelled by user") -> Run:
         raise Conflict(f"run is already {run.status}")
     # Attempts the cancel just closed: running ones, including any claimed while we cancelled.
     task_ids = list(
-        Attempt.objects.filter(run_id=run.pk, outcome=AttemptOutcome.FAILED, error=reason, finished_at__gte=started)
+        Attempt.objects.filter(run_id=run.pk, outcome=AttemptOutcome.CANCELLED, error=reason, finished_at__gte=started)
         .exclude(task_id="")
         .values_list("task_id", flat=True)
     )
@@ -285,15 +279,6 @@ def revoke_tasks(task_ids: list[str]) -> None:
 # --- retrying -------------------------------------------------------------------------------------
 
 
-@dataclass
-class RetryResult:
-    """What a retry reset: ``steps`` retried (ids), ``downstream`` reset because they depend on them."""
-
-    run: Run
-    steps: list[str]
-    downstream: list[str]
-
-
 def retry(run: Run, *, step_ids: Iterable[str] | None = None, reason: str = "retried by user") -> RetryResult:
     """Run failed, dead and cancelled steps again, and everything downstream of them; keep the rest.
 
@@ -301,164 +286,22 @@ def retry(run: Run, *, step_ids: Iterable[str] | None = None, reason: str = "ret
     those (top-level ids, or map children such as ``fetch[3]``). A map step whose items partly
     failed retries only those items. Each retried step gets its full number of attempts again
     (``max_attempts`` is raised by the original limit, attempt numbers go on: Airflow's "clear").
-    The run becomes ``running`` again (deadline renewed).
+    The run becomes ``running`` again (deadline renewed); ``engine.reset_for_retry`` does it.
 
     Works on a finished run and on a running one (e.g. requeueing a dead step while other branches
     still run). Raises Conflict when nothing can be retried, Invalid for an unknown or unfinished
     step id.
     """
     wanted = list(dict.fromkeys(step_ids)) if step_ids is not None else None
-    for attempt in range(5):
-        try:
-            result = _retry_once(run.pk, wanted, reason)
-            break
-        except OperationalError as exc:  # a deadlock with a completion of the same run: try again
-            if "deadlock" not in str(exc).lower() or attempt == 4:
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    try:
+        result = engine.reset_for_retry(run.pk, wanted, reason)
+    except RetryRefused as exc:
+        raise (Conflict if exc.conflict else Invalid)(str(exc)) from None
     log.info(
         "run retried",
         extra={"run_id": str(run.pk), "tenant": run.tenant_id, "steps": result.steps, "downstream": result.downstream},
     )
     return result
-
-
-def _base_attempts(step: Step) -> int:
-    return max(1, int((step.spec.get("retry") or {}).get("max_attempts", 1)))
-
-
-def _retry_once(run_pk: Any, wanted: list[str] | None, reason: str) -> RetryResult:
-    now = timezone.now()
-    with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run_pk)
-        # Rows locked in id order, as the engine's decrements lock them.
-        top = list(Step.objects.select_for_update().filter(run_id=run_pk, parent__isnull=True).order_by("id"))
-        by_id = {s.step_id: s for s in top}
-        by_pk = {s.pk: s for s in top}
-        full: set[str] = set()
-        partial: dict[str, list[Step]] = {}  # map parent id -> children to run again
-
-        if wanted is None:
-            seeds = [s for s in top if s.status in RETRYABLE]
-            children: list[Step] = []
-        else:
-            seeds = [by_id[sid] for sid in wanted if sid in by_id]
-            child_ids = [sid for sid in wanted if sid not in by_id]
-            children = list(
-                Step.objects.select_for_update().filter(run_id=run_pk, step_id__in=child_ids, parent__isnull=False)
-            )
-            unknown = set(child_ids) - {c.step_id for c in children}
-            if unknown:
-                raise Invalid(f"run has no step {sorted(unknown)[0]!r}")
-            for step in [*seeds, *children]:
-                if step.status not in RETRYABLE:
-                    raise Invalid(f"step {step.step_id!r} is {step.status}: only failed, dead or cancelled steps retry")
-        if not seeds and not children:
-            raise Conflict(f"nothing to retry: run is {run.status} and no step failed, died or was cancelled")
-
-        mapped = {s.pk for s in seeds if s.pending_children is not None}
-        kids_of: dict[int, list[Step]] = {}
-        if mapped:
-            for child in Step.objects.select_for_update().filter(parent_id__in=mapped).order_by("id"):
-                kids_of.setdefault(child.parent_id, []).append(child)
-        for seed in seeds:
-            failed_kids = [c for c in kids_of.get(seed.pk, []) if c.status in RETRYABLE]
-            if failed_kids:
-                partial[seed.step_id] = failed_kids
-            else:
-                full.add(seed.step_id)
-        for child in children:
-            kids = partial.setdefault(by_pk[child.parent_id].step_id, [])
-            if all(k.pk != child.pk for k in kids):
-                kids.append(child)
-
-        # Everything downstream runs again: its inputs may change.
-        downstream: list[str] = []
-        queue = deque(full | set(partial))
-        seen = set(queue)
-        while queue:
-            for dependent in by_id[queue.popleft()].dependents:
-                if dependent not in seen:
-                    seen.add(dependent)
-                    downstream.append(dependent)
-                    queue.append(dependent)
-        full |= set(downstream)
-        for step_id in list(partial):
-            if step_id in full:
-                del partial[step_id]  # a parent that is itself reset expands afresh
-
-        resetting = full | set(partial)
-        removed = 0
-        if full:
-            # A reset map step expands afresh; its old items go, their traces stay (unlinked).
-            old_items = Step.objects.filter(parent__in=[by_id[s].pk for s in full])
-            Trace.objects.filter(step__in=old_items).update(step=None)
-            removed = old_items.count()
-            if removed:
-                Attempt.objects.filter(step__in=old_items).delete()
-                old_items.delete()
-        for step_id in sorted(full, key=lambda s: by_id[s].pk):
-            step = by_id[step_id]
-            pending = sum(1 for dep in step.depends_on if dep in resetting or by_id[dep].status not in STEP_TERMINAL)
-            Step.objects.filter(pk=step.pk).update(
-                status=StepStatus.PENDING,
-                pending_deps=pending,
-                pending_children=None,
-                max_attempts=step.attempts + _base_attempts(step),
-                next_attempt_at=None,
-                lease_expires_at=None,
-                lease_token=None,
-                worker="",
-                input=None,
-                output=None,
-                error="",
-                queued_at=None,
-                started_at=None,
-                finished_at=None,
-            )
-        requeue: list[int] = []
-        for step_id, kids in partial.items():
-            for child in kids:
-                Step.objects.filter(pk=child.pk).update(
-                    status=StepStatus.QUEUED,
-                    queued_at=now,
-                    max_attempts=child.attempts + _base_attempts(child),
-                    next_attempt_at=None,
-                    lease_expires_at=None,
-                    lease_token=None,
-                    output=None,
-                    error="",
-                    started_at=None,
-                    finished_at=None,
-                )
-                requeue.append(child.pk)
-            parent = by_id[step_id]
-            unfinished = Step.objects.filter(parent_id=parent.pk).exclude(status__in=STEP_TERMINAL).count()
-            Step.objects.filter(pk=parent.pk).update(
-                status=StepStatus.RUNNING, pending_children=unfinished, output=None, error="", finished_at=None
-            )
-
-        timeout = run.spec.get("timeout")
-        run_changes: dict[str, Any] = {"status": RunStatus.RUNNING, "finished_at": None, "error": "", "outputs": None}
-        if timeout:
-            run_changes["deadline"] = now + timedelta(seconds=timeout)
-        if removed:
-            run_changes["steps_total"] = max(0, run.steps_total - removed)
-        Run.objects.filter(pk=run_pk).update(**run_changes)
-        for name, value in run_changes.items():
-            setattr(run, name, value)
-        retried = sorted(
-            [s for s in full if s not in downstream] + [c.step_id for kids in partial.values() for c in kids]
-        )
-        message = f"run {reason}: {', '.join(retried)}"
-        if downstream:
-            message += f"; downstream reset: {', '.join(sorted(downstream))}"
-        Trace.objects.create(run=run, kind=TraceKind.STATE, message=one_line(message))
-        engine.decide_pending(run, enqueue=requeue)
-        if timeout:
-            transaction.on_commit(lambda: engine._schedule_deadline(run.pk, timeout))
-    run.refresh_from_db()
-    return RetryResult(run=run, steps=retried, downstream=sorted(downstream))
 
 
 def requeue_dead(step_pks: Iterable[int]) -> int:

@@ -10,7 +10,7 @@ from django.db import InterfaceError, OperationalError, connections
 
 from orchestrator_site import logging as logctx
 
-from . import engine
+from . import engine, workers  # noqa: F401 - workers: heartbeat signal handlers
 
 
 @task_prerun.connect
@@ -46,9 +46,10 @@ def execute_step_task(self, step_pk: int) -> str:
     The database unreachable (restart, failover): the broken connection is dropped and the
     message retried later (Celery ``retry``: a new message, then this one is acked). Nothing is
     left half-written: the claim and each outcome are single transactions, and outcomes are
-    retried in-process first (``engine._outlasting_outages``). If the retry message is lost too,
+    retried in-process first (runs/engine/worker.py ``_outlasting_outages``). If the retry message is lost too,
     the sweeper re-sends the step.
     """
+    # "<node>:<pool process pid>": the sweeper matches it against worker heartbeats and local pids
     worker = f"{self.request.hostname or 'worker'}:{os.getpid()}"
     try:
         with logctx.scope(task_id=self.request.id):  # the engine binds run, step, tenant, correlation id

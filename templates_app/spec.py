@@ -107,7 +107,7 @@ _VARIABLE_KEYS = frozenset({"type", "required", "default", "description"})
 _TRIGGER_KEYS = frozenset({"type", "cron", "event_types", "interval", "variables"})
 _RATE_LIMIT_KEYS = frozenset({"key", "capacity", "refill_rate", "rate"})
 _CONCURRENCY_KEYS = frozenset({"key", "limit"})
-#: Names a flow-control key expression may use besides variables (agents.flowcontrol.key_context).
+#: Names a flow-control key expression may use besides variables (runs.engine.gate.key_context).
 _FLOW_KEY_NAMES = frozenset({"run", "step"})
 #: Shortest interval schedule (seconds): django-celery-beat counts intervals in whole seconds.
 MIN_INTERVAL = 1.0
@@ -617,7 +617,7 @@ class _SpecLoader:
         return out
 
     # ---------------------------------------------------------------------------------------
-    # Flow control: rate_limit, concurrency (agents.flowcontrol)
+    # Flow control: rate_limit, concurrency (runs.engine.gate)
     # ---------------------------------------------------------------------------------------
 
     def _flow_key(self, value: Any, field: str, step: str | None) -> str:

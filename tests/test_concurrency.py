@@ -8,11 +8,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
-from agents import flowcontrol
 from agents.models import ConcurrencyLimit, ConcurrencySlot, ManagedBy, QueuedRun, SlotWaiter
 from runs import engine
+from runs.engine import gate as flowcontrol
+from runs.engine import lifecycle
 from runs.models import Attempt, Run, Step, Trace
 from templates_app.spec import WorkflowError, load_spec
 from tests.conftest import start, wait_for_run
@@ -83,25 +85,26 @@ steps:
 def test_a_step_without_a_slot_waits_and_a_release_wakes_it(db, django_capture_on_commit_callbacks, settings):
     settings.ORCHESTRATOR_CONCURRENCY_POLL = 5.0
     key = f"k-{uuid.uuid4().hex[:6]}"
+    stored = f"default/{key}"  # keys are scoped to the tenant that declares them
     run = start(ONE_AT_A_TIME.replace("KEY", key))
     first, second, _third = Step.objects.filter(run=run, parent__isnull=False).order_by("map_index")
     # given `first` holds the only slot under its lease
     holder_lease = timezone.now() + timedelta(seconds=30)
     ConcurrencySlot.objects.create(
-        key=key, step=first, lease_token=uuid.uuid4(), expires_at=holder_lease, acquired_at=timezone.now()
+        key=stored, step=first, lease_token=uuid.uuid4(), expires_at=holder_lease, acquired_at=timezone.now()
     )
     # when `second` is claimed it goes back to retry_wait: no attempt, a waiter, one trace
     assert engine.execute_step(second.pk) == "throttled"
     second.refresh_from_db()
     assert (second.status, second.attempts) == ("retry_wait", 0)
     assert 4.0 < (second.next_attempt_at - timezone.now()).total_seconds() <= 5.0  # the poll interval
-    assert SlotWaiter.objects.filter(step=second, key=key).exists()
+    assert SlotWaiter.objects.filter(step=second, key=stored).exists()
     assert Trace.objects.filter(step=second, message__contains="is full (1 of 1 running)").count() == 1
-    assert ConcurrencyLimit.objects.get(key=key).limit == 1  # kept for the admin
+    assert ConcurrencyLimit.objects.get(key=stored).limit == 1  # kept for the admin
     # when the holder's attempt ends, the waiter is due at once and re-sent
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
-        with engine.transaction.atomic():
-            flowcontrol.release_step(first)
+        with transaction.atomic():
+            lifecycle.wake_on_commit(flowcontrol.release_step(first))
     assert len(callbacks) == 1  # engine.wake_steps, after commit
     second.refresh_from_db()
     assert second.next_attempt_at <= timezone.now()
@@ -110,16 +113,17 @@ def test_a_step_without_a_slot_waits_and_a_release_wakes_it(db, django_capture_o
     assert engine.execute_step(second.pk) == "succeeded"
     second.refresh_from_db()
     assert second.attempts == 1
-    assert not ConcurrencySlot.objects.filter(key=key).exists()
+    assert not ConcurrencySlot.objects.filter(key=stored).exists()
 
 
 def test_an_expired_lease_frees_its_slot_without_anyone_releasing_it(db):
     key = f"k-{uuid.uuid4().hex[:6]}"
+    stored = f"default/{key}"  # keys are scoped to the tenant that declares them
     run = start(ONE_AT_A_TIME.replace("KEY", key))
     first, second, _third = Step.objects.filter(run=run, parent__isnull=False).order_by("map_index")
     # a holder whose worker died: its lease ended a moment ago
     ConcurrencySlot.objects.create(
-        key=key,
+        key=stored,
         step=first,
         lease_token=uuid.uuid4(),
         expires_at=timezone.now() - timedelta(seconds=1),
@@ -132,10 +136,11 @@ def test_an_expired_lease_frees_its_slot_without_anyone_releasing_it(db):
 def test_the_wait_ends_when_the_earliest_lease_does(db, settings):
     settings.ORCHESTRATOR_CONCURRENCY_POLL = 30.0
     key = f"k-{uuid.uuid4().hex[:6]}"
+    stored = f"default/{key}"  # keys are scoped to the tenant that declares them
     run = start(ONE_AT_A_TIME.replace("KEY", key))
     first, second, _third = Step.objects.filter(run=run, parent__isnull=False).order_by("map_index")
     ConcurrencySlot.objects.create(
-        key=key,
+        key=stored,
         step=first,
         lease_token=uuid.uuid4(),
         expires_at=timezone.now() + timedelta(seconds=3),
@@ -148,11 +153,12 @@ def test_the_wait_ends_when_the_earliest_lease_does(db, settings):
 
 def test_admin_limit_wins_and_zero_pauses(db):
     key = f"k-{uuid.uuid4().hex[:6]}"
-    ConcurrencyLimit.objects.create(key=key, limit=0, managed_by=ManagedBy.ADMIN)
+    stored = f"default/{key}"  # keys are scoped to the tenant that declares them
+    ConcurrencyLimit.objects.create(key=stored, limit=0, managed_by=ManagedBy.ADMIN)
     run = start(ONE_AT_A_TIME.replace("KEY", key))
     first = Step.objects.filter(run=run, parent__isnull=False).order_by("map_index").first()
     assert engine.execute_step(first.pk) == "throttled"  # paused by the operator
-    assert ConcurrencyLimit.objects.get(key=key).limit == 0
+    assert ConcurrencyLimit.objects.get(key=stored).limit == 0
 
 
 def test_a_key_without_any_limit_fails_the_step(db):
@@ -267,13 +273,14 @@ steps:
 
 def test_step_limit_holds_across_worker_processes(flow):
     key = f"naps-{uuid.uuid4().hex[:6]}"
+    stored = f"default/{key}"
     run = wait_for_run(start(SLEEPERS.replace("KEY", key)).pk, timeout=60, sweep=True)
     assert run.status == "succeeded", run.error
     attempts = Attempt.objects.filter(run=run, step__parent__isnull=False)
     assert attempts.count() == 6  # waiting cost no attempt
     assert max_overlap(attempt_intervals(attempts)) == 2  # never 3, and the limit was used
-    assert not ConcurrencySlot.objects.filter(key=key).exists()
-    assert not SlotWaiter.objects.filter(key=key).exists()
+    assert not ConcurrencySlot.objects.filter(key=stored).exists()
+    assert not SlotWaiter.objects.filter(key=stored).exists()
 
 
 CAPPED_RUNS = """\
@@ -320,14 +327,15 @@ def test_a_killed_worker_leaks_no_slot(django_db_setup, flow, worker_env, tmp_pa
         env={"ORCHESTRATOR_LEASE_GRACE": "0.5", "ORCHESTRATOR_CONCURRENCY_POLL": "0.5"},
     )
     key = f"kill-{uuid.uuid4().hex[:6]}"
+    stored = f"default/{key}"
     try:
         with route_to(victim.queue):
             run = start(KILLABLE.replace("KEY", key))
         deadline = time.time() + 20
-        while not ConcurrencySlot.objects.filter(key=key).exists():
+        while not ConcurrencySlot.objects.filter(key=stored).exists():
             assert time.time() < deadline, victim.log_text()[-2000:]
             time.sleep(0.05)
-        holder = ConcurrencySlot.objects.get(key=key)
+        holder = ConcurrencySlot.objects.get(key=stored)
         # ...when it is killed mid-step (no release, no ack)
         victim.kill(0)
     finally:
@@ -346,14 +354,15 @@ def test_a_killed_worker_leaks_no_slot(django_db_setup, flow, worker_env, tmp_pa
     assert all(a.started_at.timestamp() >= released for a in others)
     assert max_overlap(attempt_intervals(others)) == 1
     # and nothing is left behind
-    assert not ConcurrencySlot.objects.filter(key=key).exists()
-    assert not SlotWaiter.objects.filter(key=key).exists()
+    assert not ConcurrencySlot.objects.filter(key=stored).exists()
+    assert not SlotWaiter.objects.filter(key=stored).exists()
 
 
 def test_admin_pages_of_flow_control(admin_client, db):
     from agents.models import RateLimit
 
     key = f"k-{uuid.uuid4().hex[:6]}"
+    stored = f"default/{key}"  # keys are scoped to the tenant that declares them
     run = start(ONE_AT_A_TIME.replace("KEY", key))
     engine.execute_step(Step.objects.filter(run=run, parent__isnull=False).first().pk)
     RateLimit.objects.create(key="op", capacity=2, refill_rate=1.0, tokens=2.0, last_refill=timezone.now())
@@ -375,10 +384,10 @@ def test_admin_pages_of_flow_control(admin_client, db):
     assert response.status_code == 302
     bucket.refresh_from_db()
     assert (bucket.capacity, bucket.refill_rate, bucket.managed_by) == (5, 2.5, ManagedBy.ADMIN)
-    limit = ConcurrencyLimit.objects.get(key=key)
-    response = admin_client.post(f"/admin/agents/concurrencylimit/{limit.pk}/change/", {"key": key, "limit": 4})
+    limit = ConcurrencyLimit.objects.get(key=stored)
+    response = admin_client.post(f"/admin/agents/concurrencylimit/{limit.pk}/change/", {"key": stored, "limit": 4})
     assert response.status_code == 302
-    assert ConcurrencyLimit.objects.get(key=key).managed_by == ManagedBy.ADMIN
+    assert ConcurrencyLimit.objects.get(key=stored).managed_by == ManagedBy.ADMIN
 
 
 def test_limit_rows_are_for_superusers_only(client, owner):

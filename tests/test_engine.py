@@ -487,7 +487,7 @@ steps:
     assert Step.objects.get(pk=step.pk).attempts == 2
 
     # Given a step whose message the broker lost (the send never happened) ...
-    monkeypatch.setattr(engine, "enqueue_steps", lambda *a, **k: None)
+    monkeypatch.setattr(engine.broker, "enqueue_steps", lambda *a, **k: None)
     run2 = engine.start_run(spec, {})
     monkeypatch.undo()
     s2 = Step.objects.get(run=run2, step_id="a")

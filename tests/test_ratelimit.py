@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agents import ratelimit
 from agents.models import ManagedBy, RateLimit, TokenReservation
 from runs import engine
+from runs.engine.gate import ratelimit
 from runs.models import Attempt, Step, Trace
 from templates_app.spec import WorkflowError, load_spec
 from tests.conftest import start, wait_for_run
@@ -164,7 +164,7 @@ def test_a_step_without_a_token_waits_and_spends_no_attempt(db):
     assert (second.status, second.attempts, second.lease_token) == ("retry_wait", 0, None)
     wait = (second.next_attempt_at - timezone.now()).total_seconds()
     assert 0.8 < wait <= 1.0  # exactly until the next token
-    assert TokenReservation.objects.get(step=second).key == key  # its place in line
+    assert TokenReservation.objects.get(step=second).key == f"default/{key}"  # its place in line
     assert not Attempt.objects.filter(step=second).exists()
     assert Trace.objects.filter(step=second, kind="decision", message__contains=f"rate limit '{key}'").count() == 1
 
@@ -180,7 +180,7 @@ def test_a_step_without_a_token_waits_and_spends_no_attempt(db):
     assert Trace.objects.filter(step=second, kind="decision").count() == 1
 
     # once the refill made its token, it runs on its first attempt and leaves the line
-    RateLimit.objects.filter(key=key).update(last_refill=timezone.now() - timedelta(seconds=1))
+    RateLimit.objects.filter(key=f"default/{key}").update(last_refill=timezone.now() - timedelta(seconds=1))
     Step.objects.filter(pk=second.pk).update(next_attempt_at=timezone.now())
     assert engine.execute_step(second.pk) == "succeeded"
     second.refresh_from_db()
@@ -195,12 +195,12 @@ def test_newcomers_do_not_jump_the_line_and_cancelling_leaves_it(db):
     engine.execute_step(first.pk)
     engine.execute_step(second.pk)  # waits in line
     # a token appears: a newcomer (third) still queues behind `second`
-    RateLimit.objects.filter(key=key).update(last_refill=timezone.now() - timedelta(seconds=1))
+    RateLimit.objects.filter(key=f"default/{key}").update(last_refill=timezone.now() - timedelta(seconds=1))
     assert engine.execute_step(third.pk) == "throttled"
-    assert TokenReservation.objects.filter(key=key).count() == 2
+    assert TokenReservation.objects.filter(key=f"default/{key}").count() == 2
     # cancelling the run takes its steps out of the line
     engine.cancel_run(run.pk)
-    assert not TokenReservation.objects.filter(key=key).exists()
+    assert not TokenReservation.objects.filter(key=f"default/{key}").exists()
     other = start(LIMITED_MAP.replace("KEY", key))
     assert engine.execute_step(children(other)[0].pk) == "succeeded"  # nobody ahead any more
 
@@ -221,7 +221,7 @@ def test_key_expressions_render_per_run(db):
         user_id="u42",
     )
     assert engine.execute_step(run.steps.get().pk) == "succeeded"
-    assert RateLimit.objects.filter(key="user:u42:agent:clo").exists()
+    assert RateLimit.objects.filter(key="default/user:u42:agent:clo").exists()
 
 
 # --- across worker processes ----------------------------------------------------------------------

@@ -322,7 +322,7 @@ steps:
 def test_sweeper_recovers_each_of_its_three_cases(worker, monkeypatch):
     # given three steps whose messages never reach a worker...
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "enqueue_steps", lambda *args, **kwargs: None)
+        patch.setattr(engine.broker, "enqueue_steps", lambda *args, **kwargs: None)
         run = start(THREE_STEPS)
     long_ago = timezone.now() - timedelta(hours=1)
     steps = {s.step_id: s for s in run.steps.all()}
@@ -367,7 +367,7 @@ def test_health_report_is_a_run_with_a_trace_and_metrics(worker, monkeypatch):
 
     # a step stuck past the sweeper's reach makes the next report degraded (and its run failed)
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "enqueue_steps", lambda *args, **kwargs: None)  # its message is lost
+        patch.setattr(engine.broker, "enqueue_steps", lambda *args, **kwargs: None)  # its message is lost
         stuck = start("key: stuck\nsteps: [{id: a, type: noop}]\n")
     Step.objects.filter(run=stuck).update(queued_at=timezone.now() - timedelta(days=1))
     report = health.collect()

@@ -84,7 +84,7 @@ def start_workers(
                 "-c",
                 str(concurrency),
                 "-Q",
-                queue,
+                f"{queue},{queue}-system",
                 "--without-gossip",
                 "--without-mingle",
                 "-n",
@@ -116,4 +116,5 @@ def purge_queue(queue: str) -> None:
     from django.conf import settings
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.delete(queue, *[f"{queue}:{level}" for level in range(1, 10)])
+    for name in (queue, f"{queue}-system"):
+        client.delete(name, *[f"{name}:{level}" for level in range(1, 10)])

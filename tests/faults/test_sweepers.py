@@ -45,7 +45,7 @@ def test_two_sweepers_two_beats_enqueue_and_start_once(processes, settings, monk
     first = processes.worker("sweep-a", concurrency=2, env=env)
     second = processes.worker("sweep-b", concurrency=2, env=env)
     # Given runs whose first step never got its message (the broker "lost" them) ...
-    monkeypatch.setattr(engine, "enqueue_steps", lambda *args, **kwargs: None)
+    monkeypatch.setattr(engine.broker, "enqueue_steps", lambda *args, **kwargs: None)
     runs = [start(YAML) for _ in range(3 * FAULTS_PER_KIND)]
     monkeypatch.undo()
     # (both beats already sending sweeps to both workers while the faults appear, all at once)

@@ -24,15 +24,16 @@ Counting and taking happen under a PostgreSQL transaction-level advisory lock pe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from .models import ConcurrencyLimit, ConcurrencySlot, ManagedBy, QueuedRun, SlotWaiter
+from agents.models import ConcurrencyLimit, ConcurrencySlot, ManagedBy, QueuedRun, SlotWaiter
+from orchestrator_site.conf import conf
 
 #: Shortest wait (seconds) before a waiting step looks again.
 MIN_WAIT = 0.05
@@ -103,7 +104,7 @@ def check_slot(key: str, limit: int, step: Any, priority: int, now: datetime) ->
     if not SlotWaiter.objects.filter(step_id=step.pk).update(key=key, priority=priority):
         SlotWaiter.objects.create(key=key, step_id=step.pk, priority=priority, since=now)
         created = True
-    poll = float(getattr(settings, "ORCHESTRATOR_CONCURRENCY_POLL", 2.0))
+    poll = conf.concurrency_poll
     wait = poll
     if holders:
         wait = min(poll, (min(holders) - now).total_seconds())
@@ -163,7 +164,7 @@ def expire_slots(now: datetime | None = None) -> tuple[int, list[tuple[int, int]
 
     Returns ``(freed slots, waiters to wake)``; wake them after commit.
     """
-    from runs.choices import STEP_TERMINAL
+    from ...choices import STEP_TERMINAL
 
     now = now or timezone.now()
     woken: list[tuple[int, int]] = []
@@ -203,14 +204,14 @@ def run_limits(tenant_id: str, key: str, declared: int | None) -> list[tuple[str
         limits[tkey] = declared
     if nkey in rows:
         limits[nkey] = rows[nkey]
-    elif int(getattr(settings, "ORCHESTRATOR_MAX_CONCURRENT_RUNS", 0) or 0) > 0:
-        limits[nkey] = int(settings.ORCHESTRATOR_MAX_CONCURRENT_RUNS)
+    elif conf.max_concurrent_runs > 0:
+        limits[nkey] = conf.max_concurrent_runs
     return sorted(limits.items())
 
 
 def _running(limit_key: str, tenant_id: str, key: str, exclude: Any = None) -> int:
-    from runs.choices import RunStatus
-    from runs.models import Run
+    from ...choices import RunStatus
+    from ...models import Run
 
     qs = Run.objects.filter(tenant_id=tenant_id, status=RunStatus.RUNNING)
     if limit_key.startswith("template:"):
@@ -259,14 +260,14 @@ def admit_run(run: Any) -> str | None:
     return reason
 
 
-def promote(tenant_id: str | None = None, limit: int = 200) -> int:
+def promote(tenant_id: str | None, activate: Callable[[Any], bool], limit: int = 200) -> int:
     """Admit waiting runs whose limits have room, most urgent first. Returns how many started.
 
     ``tenant_id`` None: every tenant with waiting runs (the sweeper). Each admission is its own
-    transaction holding the limits' locks, and calls ``runs.engine.activate_run``.
+    transaction holding the limits' locks, and calls ``activate(run_id)`` (the engine's
+    ``activate_run``) under them, so two promoters never admit past a limit.
     """
-    from runs import engine
-    from runs.choices import RunStatus
+    from ...choices import RunStatus
 
     started = 0
     tenants = [tenant_id] if tenant_id else sorted(set(QueuedRun.objects.values_list("tenant_id", flat=True)))
@@ -293,7 +294,7 @@ def promote(tenant_id: str | None = None, limit: int = 200) -> int:
                     continue
                 if not QueuedRun.objects.filter(pk=queued.pk).delete()[0]:
                     continue  # admitted meanwhile by another process
-                if engine.activate_run(run.pk):
+                if activate(run.pk):
                     started += 1
     return started
 
@@ -303,23 +304,17 @@ def wait_reason(run_id: Any) -> str | None:
     return QueuedRun.objects.filter(run_id=run_id).values_list("reason", flat=True).first()
 
 
-def limit_changed(key: str) -> int:
-    """An operator changed the limit of ``key``: wake waiters that now fit, admit waiting runs.
+def limit_changed(key: str) -> tuple[str | None, list[tuple[int, int]]]:
+    """An operator changed the limit of ``key``: which waiters now fit.
 
-    Returns how many waiting steps were woken (runs are admitted by :func:`promote`).
+    Returns ``(tenant whose waiting runs to promote or None, [(step pk, priority)] to wake)``;
+    the waiters are already off the waiting list. Call inside a transaction; wake after commit.
     """
-    from . import flowcontrol
-
     if key.startswith(("template:", "tenant:")):
-        tenant = key.split(":", 2)[1]
-        transaction.on_commit(lambda: promote(tenant))
-        return 0
+        return key.split(":", 2)[1], []
     row = ConcurrencyLimit.objects.filter(key=key).first()
     if row is None:
-        return 0
-    with transaction.atomic():
-        lock(f"slot:{key}")
-        held = ConcurrencySlot.objects.filter(key=key, expires_at__gt=timezone.now()).count()
-        woken = _pick_waiters(key, row.limit - held)
-        flowcontrol.wake_on_commit(woken)
-    return len(woken)
+        return None, []
+    lock(f"slot:{key}")
+    held = ConcurrencySlot.objects.filter(key=key, expires_at__gt=timezone.now()).count()
+    return None, _pick_waiters(key, row.limit - held)

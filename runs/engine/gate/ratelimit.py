@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from .models import ManagedBy, RateLimit, TokenReservation
-from .rates import parse_rate  # noqa: F401 - part of this module's API
+from agents.models import ManagedBy, RateLimit, TokenReservation
+from agents.rates import parse_rate  # noqa: F401 - part of this module's API
 
 
 class RateLimitNotConfigured(Exception):

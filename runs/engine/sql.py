@@ -1,6 +1,7 @@
-"""Hand-written SQL for the statements every step runs (the engine's hot path).
+"""Each hot statement of the engine once, in SQL, with its portable twin beside it.
 
-Profiled with py-spy on ``bench/run.py`` (W1, W2; see docs/readme/reliability-performance.md):
+Only ``state`` calls this module (it is the writer; this is how the writes are spelled).
+Profiled with py-spy on ``bench/run.py`` (W1, W2; docs/engine.md):
 before this module a no-op step spent most of its worker CPU in the ORM building and compiling
 the same 16 queries, not in PostgreSQL. The statements here do the same work in fewer round trips
 and with no query compilation: the claim, its Attempt row and its trace are one statement (an
@@ -12,8 +13,9 @@ inserting the transaction's traces share one round trip.
 
 Semantics are the ORM code's, to the letter: the same conditions (status, lease token, attempts
 below the limit) guard the same UPDATEs, so who wins a race is decided by PostgreSQL row locks
-exactly as before. On other databases (the embedded SQLite mode) every function falls back to
-the ORM.
+exactly as before. On other databases (the embedded SQLite mode) every function has a portable
+twin written with the ORM right beside it, and the engine's test suite runs on both databases
+(tests/engine_sqlite.py), so the two cannot drift.
 
 Every function runs inside the caller's transaction (``claim_and_begin`` with ``relaxed`` is its
 own) and returns model instances built with ``Model.from_db`` (field converters applied), so the
@@ -31,13 +33,14 @@ from typing import Any
 from django.db import connection
 from django.db.models import F, Model, Q
 
-from .choices import AttemptOutcome, StepStatus
-from .models import Attempt, Run, Step, Trace
+from ..choices import AttemptOutcome, StepStatus
+from ..models import Attempt, Run, Step, Trace
 
 __all__ = [
     "claim_and_begin",
     "close_success",
     "decrement_dependents",
+    "decrement_parent",
     "insert",
     "is_postgresql",
     "mark_queued",
@@ -63,6 +66,15 @@ def _build(model: type[Model], fields: list[Any], values: Sequence[Any]) -> Any:
     return model.from_db(connection.alias, [f.attname for f in fields], converted)
 
 
+def step_timeout(spec: dict[str, Any], default_timeout: float) -> float:
+    """Seconds a step may run: its spec's ``timeout``, else ``default_timeout`` (0 counts as unset).
+
+    The lease is this plus the grace. Portable twin of the claim's SQL expression
+    ``COALESCE(NULLIF((spec ->> 'timeout')::float8, 0), default)``.
+    """
+    return float(spec.get("timeout") or default_timeout)
+
+
 def _claim_orm(
     step_pk: int, token: uuid.UUID, now: datetime, worker: str, default_timeout: float, grace: float
 ) -> tuple[Step, Run] | None:
@@ -71,7 +83,7 @@ def _claim_orm(
     spec = Step.objects.filter(pk=step_pk).values_list("spec", flat=True).first()
     if spec is None:
         return None
-    timeout = float(spec.get("timeout") or default_timeout)
+    timeout = step_timeout(spec, default_timeout)
     claimed = (
         Step.objects.filter(pk=step_pk)
         .filter(Q(status=StepStatus.QUEUED) | Q(status=StepStatus.RETRY_WAIT, next_attempt_at__lte=now))
@@ -153,7 +165,7 @@ def claim_and_begin(
     if not is_postgresql():
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace)
         return (*claimed, False) if claimed else None
-    from .choices import RUN_TERMINAL
+    from ..choices import RUN_TERMINAL
 
     step_fields = _columns(Step)
     run_fields = _columns(Run, exclude=("spec",))
@@ -176,7 +188,11 @@ def claim_and_begin(
         StepStatus.RUNNING, token, now, float(default_timeout), float(grace), worker, now,
         step_pk, StepStatus.QUEUED, StepStatus.RETRY_WAIT, now,
     ]  # fmt: skip
-    begin_if = "FROM c WHERE c.r_status <> ALL(%s) AND NOT (c.spec ? 'rate_limit' OR c.spec ? 'concurrency')"
+    # the same test as gate.gated(): a declaration that is present and not null
+    begin_if = (
+        "FROM c WHERE c.r_status <> ALL(%s) AND COALESCE(jsonb_typeof(c.spec -> 'rate_limit'), 'null') = 'null' "
+        "AND COALESCE(jsonb_typeof(c.spec -> 'concurrency'), 'null') = 'null'"
+    )
     attempt_sql, attempt_params = _insert_select(
         Attempt,
         {
@@ -230,8 +246,12 @@ def close_success(
     Only while the step is still running under ``token``; returns False when the lease was taken
     over (or the step cancelled) and nothing was written. ``output_json``/``input_json`` are JSON
     texts (already produced by the caller's JSON round trip).
+
+    The run row is locked first (``FOR NO KEY UPDATE``, in the same round trip): the engine's one
+    lock order, the run before its steps (runs/engine/state.py).
     """
     if not is_postgresql():
+        Run.objects.select_for_update(no_key=True).filter(pk=step.run_id).values_list("pk").first()
         if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token).update(
             status=StepStatus.SUCCEEDED,
             output=json.loads(output_json),
@@ -247,6 +267,7 @@ def close_success(
         )
         return True
     sql = (
+        f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR NO KEY UPDATE; "
         f"WITH s AS (UPDATE {Step._meta.db_table} SET status = %s, output = %s::jsonb, input = %s::jsonb, "
         "error = '', finished_at = %s, lease_token = NULL, lease_expires_at = NULL "
         "WHERE id = %s AND status = %s AND lease_token = %s RETURNING id), "
@@ -255,6 +276,7 @@ def close_success(
         "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM a)"
     )
     params = [
+        step.run_id,
         StepStatus.SUCCEEDED,
         output_json,
         input_json,
@@ -270,8 +292,21 @@ def close_success(
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        cursor.nextset()  # past the lock's row
         updated, _ = cursor.fetchone()
     return bool(updated)
+
+
+def decrement_parent(parent_pk: int) -> int:
+    """Decrement a map parent's ``pending_children``; return the new count (-1: no such row)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Step._meta.db_table} SET pending_children = pending_children - 1 "
+            "WHERE id = %s RETURNING pending_children",
+            [parent_pk],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else -1
 
 
 def decrement_dependents(step: Step) -> list[Step]:

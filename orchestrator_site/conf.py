@@ -1,0 +1,56 @@
+"""``conf``: the platform's settings as one typed object.
+
+The defaults live in one place, ``orchestrator_site/settings.py`` (each read from the
+environment there, with its unit in a comment). Code reads ``conf.<name>`` for
+``settings.ORCHESTRATOR_<NAME>``, coerced to the type annotated below, instead of repeating a
+``getattr(settings, ..., default)`` with a second default. Values are read from Django's settings
+at each access, so ``override_settings`` and pytest-django's ``settings`` fixture work.
+
+Raises AttributeError for a name that is not declared here (a typo fails loudly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+
+class Conf:
+    """Typed, read-only view of the ``ORCHESTRATOR_*`` settings. Units: seconds unless named."""
+
+    # the engine
+    embedded: bool
+    queue: str
+    system_queue: str
+    default_step_timeout: float
+    default_max_attempts: int
+    lease_grace: float
+    requeue_after: float
+    sweep_interval: float
+    countdown_max: float
+    inline_steps: int
+    inline_seconds: float
+    recover_dead_workers: bool
+    worker_heartbeat: float
+    worker_lost_after: float
+    release_db_during_step: bool
+    embedded_concurrency: int
+    max_for_each_items: int
+    # flow control
+    max_concurrent_runs: int
+    concurrency_poll: float
+    # agents, handlers
+    agents_base_url: str
+    service_token: str
+
+    def __getattr__(self, name: str) -> Any:
+        kind = type(self).__annotations__.get(name)
+        if kind is None:
+            raise AttributeError(f"conf has no setting {name!r}: declare it in orchestrator_site/conf.py")
+        value = getattr(settings, f"ORCHESTRATOR_{name.upper()}")
+        caster = {"bool": bool, "int": int, "float": float, "str": str}[kind]
+        return caster(value) if value is not None else caster()
+
+
+conf = Conf()

@@ -1,0 +1,61 @@
+"""Sending step messages: the engine's only contact with the broker.
+
+Messages are sent by task name (``runs.execute_step``), so the engine does not import the Celery
+task module that calls it. Task arguments are step ids only (no secrets, no payloads).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import metrics
+
+log = logging.getLogger("orchestrator.engine")
+
+#: The Celery task that claims and runs one step (runs/tasks.py).
+EXECUTE_STEP = "runs.execute_step"
+#: The Celery task that times out a run past its deadline (runs/tasks.py).
+EXPIRE_RUN = "runs.expire_run"
+
+
+def _app():
+    from orchestrator_site.celery import app
+
+    return app
+
+
+def enqueue_steps(step_pks: list[int], *, countdown: float | None = None, priority: int | None = None) -> None:
+    """Send one ``runs.execute_step`` message per step id, over one broker connection.
+
+    Called from ``transaction.on_commit`` only, so a worker never sees an uncommitted row. A send
+    that fails is logged and left to the sweeper, which re-sends steps queued for too long.
+    ``countdown`` in seconds. ``priority`` is the run's (0 = most urgent .. 9): the broker serves
+    a backlog in that order (settings: CELERY_BROKER_TRANSPORT_OPTIONS priority_steps, RabbitMQ
+    x-max-priority); None = CELERY_TASK_DEFAULT_PRIORITY.
+    """
+    if not step_pks:
+        return
+    options: dict[str, Any] = {}  # the queue: Celery's routing (task_default_queue, ORCHESTRATOR_QUEUE)
+    if countdown:
+        options["countdown"] = countdown
+    if priority is not None:
+        options["priority"] = max(0, min(9, int(priority)))
+    app = _app()
+    try:
+        with app.producer_or_acquire() as producer:
+            for pk in step_pks:
+                app.send_task(EXECUTE_STEP, args=[pk], producer=producer, **options)
+        metrics.steps_sent(len(step_pks))
+    except Exception:
+        log.exception("enqueue of %d steps failed; the sweeper will re-send them", len(step_pks))
+
+
+def schedule_deadline(run_id: Any, seconds: float) -> None:
+    """Ask for the run's deadline check ``seconds`` from now (the sweeper checks deadlines too)."""
+    try:
+        # routed to the system queue (CELERY_TASK_ROUTES)
+        _app().send_task(EXPIRE_RUN, args=[str(run_id)], countdown=seconds + 0.5)
+    except Exception:  # the sweeper enforces deadlines too; a broker hiccup here loses nothing
+        log.warning("could not schedule the deadline check of run %s; the sweeper will", run_id)
+

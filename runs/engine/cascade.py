@@ -1,0 +1,346 @@
+"""Deciding steps: dependency counting, trigger rules, expansion (for_each, parallel), context.
+
+Every step that reaches a terminal state is passed to :meth:`Cascade.finished`; it decrements its
+dependents' counters (and its map parent's), decides the dependents that reach zero (skip, run
+inline, expand, queue), which may finish more steps (skips, conditions, empty maps), and so on
+until nothing changes; when a leaf finished it checks whether the run is done. All inside the
+caller's transaction, which holds the run's lock (runs/engine/state.py); the writes go through
+``state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+
+from orchestrator_site.conf import conf
+from templates_app.errors import ExpressionError, WorkflowError
+
+from .. import metrics
+from ..choices import RUN_TERMINAL, STEP_FAILED, STEP_TERMINAL, RunStatus, StepStatus, TraceKind
+from ..models import Run, Step
+from . import broker, gate, sql, state
+from .context import build_context
+
+#: Step types the engine handles itself, without a worker round trip.
+INLINE_TYPES = frozenset({"condition"})
+#: Step types expanded into child rows (like a for_each) when they become ready.
+GROUP_TYPES = frozenset({"parallel"})
+
+
+class Cascade:
+    """Propagates finished steps through the DAG inside the current transaction (see the module)."""
+
+    def __init__(self, run: Run, batch: state.Batch):
+        self.run = run
+        self.batch = batch
+        self.leaf_finished = False
+        # {step_id: {"status", "output"}} of top-level steps finished in this transaction: their
+        # dependents' trigger rules need not read them back (a chain link reads nothing)
+        self.known: dict[str, dict[str, Any]] = {}
+
+    def context(self, refs: Iterable[str], step: Step | None = None) -> dict[str, Any]:
+        return build_context(self.run, refs, step)
+
+    # deciding ---------------------------------------------------------------------------
+    def decide(self, steps: list[Step]) -> None:
+        """Decide each ready step (pending_deps == 0, status pending): skip, run inline, expand, queue."""
+        finished: list[Step] = []
+        for step in steps:
+            if step.status != StepStatus.PENDING:
+                continue
+            outcome = self._decide_one(step)
+            if outcome is not None:
+                finished.append(outcome)
+        if finished:
+            self.finished(finished)
+
+    def _decide_one(self, step: Step) -> Step | None:
+        spec = step.spec
+        reason = self._trigger_rule_blocks(step)
+        if reason:
+            return self._finish_inline(step, StepStatus.SKIPPED, error=reason, message=f"skipped: {reason}")
+        try:
+            when = spec.get("when")
+            if when is not None and step.parent_id is None:
+                from templates_app.expressions import evaluate
+
+                if not evaluate(when, self.context(spec.get("refs", []), step)):
+                    return self._finish_inline(
+                        step, StepStatus.SKIPPED, error="when: condition is false", message="skipped: `when` is false"
+                    )
+            if step.parent_id is None and (spec.get("for_each") is not None or step.type in GROUP_TYPES):
+                return self._expand(step)
+            if step.type in INLINE_TYPES:
+                from templates_app.expressions import evaluate
+
+                result = bool(evaluate(spec.get("condition"), self.context(spec.get("refs", []), step)))
+                return self._finish_inline(
+                    step,
+                    StepStatus.SUCCEEDED,
+                    output={"result": result},
+                    message=f"condition is {str(result).lower()}",
+                    kind=TraceKind.DECISION,
+                )
+        except (ExpressionError, WorkflowError) as exc:
+            return self._finish_inline(
+                step, StepStatus.FAILED, error=str(exc), message=f"failed: {exc}", kind=TraceKind.ERROR
+            )
+        step.status = StepStatus.QUEUED
+        self.batch.queue.append(step.pk)  # one UPDATE for all the steps decided in this transaction
+        self.batch.decided.append(step)
+        self.batch.enqueue.append(step.pk)
+        self.batch.trace(self.run.pk, TraceKind.STATE, f"step '{step.step_id}' queued", step_pk=step.pk)
+        return None
+
+    def _trigger_rule_blocks(self, step: Step) -> str | None:
+        """Why the step may not run, or None when it may.
+
+        An untaken condition branch always skips. Otherwise the trigger rule decides (Airflow's
+        names): ``all_success`` needs every upstream succeeded; ``none_failed`` needs no upstream
+        failed, dead or cancelled and at least one succeeded (skipped ones are fine);
+        ``all_done`` only needs them finished.
+        """
+        if not step.depends_on:
+            return None
+        rule = step.spec.get("trigger_rule", "all_success")
+        parents = {dep: self.known[dep] for dep in step.depends_on if dep in self.known}
+        missing = [dep for dep in step.depends_on if dep not in parents]
+        if missing:
+            parents.update(
+                (row["step_id"], row)
+                for row in Step.objects.filter(run_id=step.run_id, parent__isnull=True, step_id__in=missing).values(
+                    "step_id", "status", "output"
+                )
+            )
+        branch = step.spec.get("branch_of") or {}
+        succeeded = 0
+        failed_reason = other_reason = None
+        for dep in step.depends_on:
+            row = parents.get(dep) or {"status": StepStatus.SKIPPED, "output": None}
+            status = row["status"]
+            if status == StepStatus.SUCCEEDED and branch.get("step") == dep:
+                result = bool((row["output"] or {}).get("result"))
+                if result != bool(branch.get("when")):
+                    return f"branch not taken ('{dep}' is {str(result).lower()})"
+            if status == StepStatus.SUCCEEDED:
+                succeeded += 1
+            elif status in STEP_FAILED or status == StepStatus.CANCELLED:
+                failed_reason = failed_reason or f"upstream '{dep}' is {status}"
+            else:
+                other_reason = other_reason or f"upstream '{dep}' is {status}"
+        if rule == "all_done":
+            return None
+        if rule == "none_failed":
+            if failed_reason:
+                return failed_reason
+            return None if succeeded else "no upstream step succeeded"
+        return None if succeeded == len(step.depends_on) else (failed_reason or other_reason)
+
+    def _finish_inline(
+        self, step: Step, status: str, *, output: Any = None, error: str = "", message: str, kind: str = TraceKind.STATE
+    ) -> Step | None:
+        if not state.finish_inline(step, status, output=output, error=error):
+            return None
+        self.batch.trace(self.run.pk, kind, f"step '{step.step_id}' {message}", step_pk=step.pk)
+        return step
+
+    def _expand(self, step: Step) -> Step | None:
+        """Insert one child row per for_each item or parallel branch; the parent waits on them."""
+        spec = step.spec
+        children_specs: list[tuple[dict[str, Any], Any]] = []
+        if step.type in GROUP_TYPES:
+            for branch in spec.get("params", {}).get("tasks", []):
+                child = {**spec, **branch}
+                child.pop("for_each", None)
+                children_specs.append((child, None))
+        else:
+            from templates_app.expressions import render
+
+            items = render(spec["for_each"], self.context(spec.get("refs", []), step))
+            if not isinstance(items, list):
+                raise ExpressionError(f"step '{step.step_id}': for_each must give a list, got {type(items).__name__}")
+            if len(items) > conf.max_for_each_items:
+                raise WorkflowError(
+                    f"step '{step.step_id}': for_each gave {len(items)} items, more than "
+                    f"ORCHESTRATOR_MAX_FOR_EACH_ITEMS ({conf.max_for_each_items})"
+                )
+            child = {k: v for k, v in spec.items() if k != "for_each"}
+            children_specs = [(child, item) for item in items]
+        if not children_specs:
+            return self._finish_inline(step, StepStatus.SUCCEEDED, output=[], message="mapped over 0 items")
+        children = [
+            Step(
+                run_id=step.run_id,
+                step_id=f"{step.step_id}[{i}]",
+                parent=step,
+                map_index=i,
+                type=child_spec["type"],
+                spec=child_spec,
+                item=state.json_safe(item),
+                max_attempts=max(1, int(child_spec.get("retry", {}).get("max_attempts", 1))),
+            )
+            for i, (child_spec, item) in enumerate(children_specs)
+        ]
+        self.batch.enqueue.extend(state.expand(step, children))
+        self.batch.trace(
+            self.run.pk,
+            TraceKind.DECISION,
+            f"step '{step.step_id}' fanned out to {len(children)} children",
+            step_pk=step.pk,
+        )
+        return None
+
+    # finishing --------------------------------------------------------------------------
+    def finished(self, steps: list[Step]) -> None:
+        """Propagate steps that just reached a terminal state (already saved)."""
+        queue = list(steps)
+        while queue:
+            step = queue.pop(0)
+            if step.parent_id is not None:
+                parent_done = self._child_finished(step)
+                if parent_done is not None:
+                    queue.append(parent_done)
+                continue
+            self.known[step.step_id] = {"step_id": step.step_id, "status": step.status, "output": step.output}
+            if not step.dependents:
+                self.leaf_finished = True
+                continue
+            # the dependents that reached zero, read by the decrement itself
+            for candidate in sql.decrement_dependents(step):
+                if candidate.status == StepStatus.PENDING:
+                    outcome = self._decide_one(candidate)
+                    if outcome is not None:
+                        queue.append(outcome)
+        if self.leaf_finished:
+            maybe_finish_run(self.run, self.batch)
+
+    def _child_finished(self, child: Step) -> Step | None:
+        """Count a map child down on its parent; finish the parent when it was the last one."""
+        if sql.decrement_parent(child.parent_id) != 0:
+            return None
+        parent = Step.objects.get(pk=child.parent_id)
+        if parent.status != StepStatus.RUNNING:
+            return None
+        rows = list(parent.children.order_by("map_index").values("status", "output", "error", "step_id"))
+        failed = [r for r in rows if r["status"] != StepStatus.SUCCEEDED]
+        if failed:
+            dead = any(r["status"] == StepStatus.DEAD for r in failed)
+            status = StepStatus.DEAD if dead else StepStatus.FAILED
+            first = failed[0]
+            error = f"{len(failed)} of {len(rows)} items did not succeed; first: {first['step_id']} {first['status']}"
+            if first["error"]:
+                error += f": {first['error']}"
+            output = None
+        else:
+            status, error, output = StepStatus.SUCCEEDED, "", [r["output"] for r in rows]
+        state.finish_parent(parent, status, output=output, error=error)
+        self.batch.trace(
+            self.run.pk,
+            TraceKind.STATE,
+            f"step '{parent.step_id}' {status} (joined {len(rows)} items)",
+            step_pk=parent.pk,
+        )
+        return parent
+
+
+def maybe_finish_run(run: Run, batch: state.Batch) -> None:
+    """Finish the run when no step is left unfinished (the caller holds the run's lock, so two
+    leaves finishing at once are serialized and the second sees the first's step)."""
+    locked = state.lock_run(run.pk)
+    if locked is None or locked.status in RUN_TERMINAL:
+        return
+    if Step.objects.filter(run_id=run.pk).exclude(status__in=STEP_TERMINAL).exists():
+        return
+    rows = list(
+        Step.objects.filter(run_id=run.pk, parent__isnull=True)
+        .order_by("id")
+        .values("step_id", "status", "error", "output", "dependents")
+    )
+    failed = [r for r in rows if r["status"] in STEP_FAILED or r["status"] == StepStatus.CANCELLED]
+    at = state.now()
+    outputs: Any = None
+    error = ""
+    if failed:
+        status = RunStatus.FAILED
+        first = failed[0]
+        error = state.one_line(f"step '{first['step_id']}' {first['status']}: {first['error']}")
+    else:
+        status = RunStatus.SUCCEEDED
+        try:
+            outputs = run_outputs(Run.objects.only("spec", "inputs").get(pk=run.pk), rows)
+        except (ExpressionError, WorkflowError) as exc:
+            status, error = RunStatus.FAILED, state.one_line(f"outputs: {exc}")
+    if state.finish_run(run.pk, status, outputs=outputs, error=error, at=at):
+        count_finished_run(status, locked.started_at, at)
+        if gate.runs_waiting(run.tenant_id):  # a run waiting for its run slot may start now
+            tenant = run.tenant_id
+            transaction.on_commit(lambda: admit_waiting_runs(tenant))
+    batch.trace(run.pk, TraceKind.STATE, f"run {status}" + (f": {error}" if error else ""))
+
+
+def count_finished_run(status: str, started_at: datetime | None, at: datetime) -> None:
+    """Count the finished run in the metrics once the transaction commits."""
+    seconds = (at - started_at).total_seconds() if started_at else None
+    transaction.on_commit(lambda: metrics.run_finished(status, seconds))
+
+
+def run_outputs(run: Run, rows: list[dict[str, Any]]) -> Any:
+    """The run's outputs: its declared ``outputs`` rendered, else the leaves' outputs by step id."""
+    declared = run.spec.get("outputs")
+    if not declared:
+        return {r["step_id"]: r["output"] for r in rows if not r["dependents"] and r["status"] == StepStatus.SUCCEEDED}
+    from templates_app.expressions import render
+
+    ctx = {
+        "vars": run.inputs,
+        "steps": {r["step_id"]: {"output": r["output"], "status": r["status"]} for r in rows},
+        "run": {"id": str(run.pk)},
+    }
+    return render(declared, ctx)
+
+
+def decide_pending(run: Run, enqueue: Iterable[int] = ()) -> None:
+    """Decide ``run``'s top-level pending steps whose dependencies are all done, inside the caller's
+    transaction (which holds the run's lock); also send the already-``queued`` steps ``enqueue``.
+
+    For a run just admitted, and for ``runs.services`` after it reset rows for a retry: the same
+    cascade as a completion, so skips, conditions and map expansion behave as on the first pass.
+    """
+    batch = state.Batch()
+    batch.enqueue.extend(enqueue)
+    ready = list(
+        Step.objects.filter(run_id=run.pk, parent__isnull=True, status=StepStatus.PENDING, pending_deps=0).order_by(
+            "id"
+        )
+    )
+    Cascade(run, batch).decide(ready)
+    batch.flush(priority=run.priority)
+
+
+def activate_run(run_id: Any) -> bool:
+    """Start a run that ``start_run`` left ``pending`` (a concurrent-run limit was full).
+
+    Sets it running (started now, deadline from now) and queues its root steps after commit.
+    Returns False when the run is gone or no longer pending (cancelled meanwhile).
+    """
+    with transaction.atomic():
+        run = state.activate(run_id, state.now())
+        if run is None:
+            return False
+        batch = state.Batch()
+        batch.trace(run.pk, TraceKind.STATE, "run started: a concurrency slot is free")
+        batch.flush()
+        decide_pending(run)
+        if run.deadline:
+            timeout = run.spec.get("timeout")
+            transaction.on_commit(lambda: broker.schedule_deadline(run.pk, timeout))
+    return True
+
+
+def admit_waiting_runs(tenant_id: str | None = None) -> int:
+    """Start the waiting runs whose limits now have room (the gate decides which). Returns how many."""
+    return gate.promote(tenant_id, activate_run)

@@ -1,0 +1,494 @@
+"""The only code that writes the status of runs, steps and attempts.
+
+Every transition is a conditional UPDATE that checks the state it leaves (STYLE.md: "claim work
+with a conditional update and check the count"), so a racing writer finds nothing to change
+instead of overwriting a newer state. The callers (``worker``, ``sweeper``, ``lifecycle``,
+``cascade``) decide *what* happens; this module is *how* it is written.
+
+Lock order, everywhere: the run row first (``lock_run``: ``SELECT ... FOR NO KEY UPDATE``), then
+its steps by id. Completions, failures, cancels, expiries, retries and the sweeper's recovery
+all take the run first, so none of them can wait for another in a circle (healthchecks'
+``Check.ping`` locks the check before its pings for the same reason). ``NO KEY UPDATE`` rather
+than ``UPDATE``: inserting an Attempt or a Trace row takes a KEY SHARE lock on its run (the
+foreign key check), which NO KEY UPDATE does not block, so claims and traces of other steps go
+on while a completion holds its run. Two statements take no run lock and need none: a claim
+(one step row, its own short transaction) and the sweeper's moves of waiting steps (rows taken
+with SKIP LOCKED, which never waits).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from ..choices import STEP_TERMINAL, AttemptOutcome, RunStatus, StepStatus
+from ..models import Attempt, Run, Step, Trace
+from . import sql
+
+
+def now() -> datetime:
+    return timezone.now()
+
+
+def json_safe(value: Any) -> Any:
+    """Round-trip through JSON so what we store is exactly what a reader gets back."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` on one line, at most ``limit`` characters (an ellipsis marks a cut)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def lock_run(run_id: Any) -> Run | None:
+    """Lock the run row (first lock of every status-writing transaction). None: it is gone."""
+    return (
+        Run.objects.select_for_update(no_key=True)
+        .only("id", "status", "tenant_id", "priority", "started_at", "deadline", "template_key", "inputs")
+        .filter(pk=run_id)
+        .first()
+    )
+
+
+# --- what one transaction collects --------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """What one transaction collects: steps to mark queued, traces to insert, step ids to send
+    after commit. ``flush`` writes them in one round trip (``sql.write_batch``)."""
+
+    traces: list[Trace] = field(default_factory=list)
+    enqueue: list[int] = field(default_factory=list)
+    queue: list[int] = field(default_factory=list)
+    decided: list[Step] = field(default_factory=list)  # the queued steps, candidates to run inline
+
+    def trace(
+        self,
+        run_id: Any,
+        kind: str,
+        message: str,
+        *,
+        step_pk: int | None = None,
+        attempt: int | None = None,
+        data: Any = None,
+    ) -> None:
+        self.traces.append(
+            Trace(run_id=run_id, step_id=step_pk, attempt=attempt, kind=kind, message=message, data=data)
+        )
+
+    def flush(self, priority: int | None = None) -> None:
+        """Mark the decided steps queued, insert the traces now, send the messages after commit."""
+        if self.queue or self.traces:
+            pks, traces, self.queue, self.traces = self.queue, self.traces, [], []
+            sql.write_batch(pks, now(), traces)
+        if self.enqueue:
+            from .broker import enqueue_steps
+
+            ids, self.enqueue = self.enqueue, []
+            transaction.on_commit(lambda: enqueue_steps(ids, priority=priority))
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def create_run(fields: dict[str, Any], step_rows: list[dict[str, Any]]) -> tuple[Run, list[Step]]:
+    """Insert a run (status ``running``) and its step rows (``pending``) in the caller's transaction.
+
+    ``step_rows``: Step field values without ``run``. Returns the run and its steps (primary keys
+    set where the database returns them).
+    """
+    run = Run.objects.create(status=RunStatus.RUNNING, **fields)
+    steps = [Step(run=run, **row) for row in step_rows]
+    Step.objects.bulk_create(steps)
+    return run, steps
+
+
+def hold_pending(run: Run) -> None:
+    """A run over a concurrent-run limit waits ``pending`` (not started, no deadline yet)."""
+    Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+        status=RunStatus.PENDING, started_at=None, deadline=None
+    )
+    run.status, run.started_at, run.deadline = RunStatus.PENDING, None, None
+
+
+def activate(run_id: Any, at: datetime) -> Run | None:
+    """``pending`` -> ``running`` (started ``at``, deadline from then). Locks the run; None when
+    it is gone or no longer pending."""
+    run = Run.objects.select_for_update(no_key=True).filter(pk=run_id, status=RunStatus.PENDING).first()
+    if run is None:
+        return None
+    timeout = run.spec.get("timeout")
+    run.status, run.started_at = RunStatus.RUNNING, at
+    run.deadline = at + timedelta(seconds=timeout) if timeout else None
+    Run.objects.filter(pk=run.pk).update(status=run.status, started_at=at, deadline=run.deadline)
+    return run
+
+
+def finish_run(run_id: Any, status: str, *, outputs: Any, error: str, at: datetime) -> bool:
+    """An active run reaches ``status`` (succeeded or failed). False when it had already ended."""
+    return bool(
+        Run.objects.filter(pk=run_id, status__in=[RunStatus.PENDING, RunStatus.RUNNING]).update(
+            status=status, finished_at=at, outputs=json_safe(outputs), error=error
+        )
+    )
+
+
+def stop_run(run_id: Any, status: str, reason: str, at: datetime) -> tuple[Run, int] | None:
+    """Move an active run to a terminal ``status`` (cancelled, timed_out) with its unfinished steps.
+
+    Lock order: the run, then its unfinished steps by id. Unfinished steps become ``cancelled``;
+    their running attempts are closed with outcome ``cancelled`` (their late completions are
+    refused: the lease is cleared). Returns the run as it was (status before the stop) and how
+    many attempts were cancelled, or None when it is gone or already finished.
+    """
+    run = lock_run(run_id)
+    if run is None or run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+        return None
+    unfinished = list(
+        Step.objects.select_for_update(no_key=True)
+        .filter(run_id=run_id)
+        .exclude(status__in=STEP_TERMINAL)
+        .order_by("id")
+        .values_list("pk", flat=True)
+    )
+    if unfinished:
+        Step.objects.filter(pk__in=unfinished).update(
+            status=StepStatus.CANCELLED, error=reason, finished_at=at, lease_token=None, lease_expires_at=None
+        )
+    cancelled = Attempt.objects.filter(run_id=run_id, outcome=AttemptOutcome.RUNNING).update(
+        outcome=AttemptOutcome.CANCELLED, finished_at=at, error=reason
+    )
+    Run.objects.filter(pk=run_id).update(status=status, finished_at=at, error=reason)
+    return run, cancelled
+
+
+# --- steps decided by the cascade -----------------------------------------------------------------
+
+
+def finish_inline(step: Step, status: str, *, output: Any = None, error: str = "") -> bool:
+    """A step decided without a worker (skipped, condition evaluated, empty map) reaches ``status``.
+
+    Only from the status the caller read (``step.status``). Updates ``step`` in place; False
+    when another writer moved it first.
+    """
+    at = now()
+    updated = Step.objects.filter(pk=step.pk, status=step.status).update(
+        status=status, output=output, error=error, finished_at=at, started_at=at
+    )
+    if updated:
+        step.status, step.output, step.error = status, output, error
+    return bool(updated)
+
+
+def expand(step: Step, children: list[Step]) -> list[int]:
+    """Insert a map step's children (``queued``) and set the parent ``running`` on them.
+
+    Returns the children's ids in item order (to send after commit).
+    """
+    at = now()
+    for child in children:
+        child.status, child.queued_at = StepStatus.QUEUED, at
+    Step.objects.bulk_create(children, batch_size=1000)
+    Step.objects.filter(pk=step.pk).update(status=StepStatus.RUNNING, pending_children=len(children), started_at=at)
+    step.status = StepStatus.RUNNING
+    Run.objects.filter(pk=step.run_id).update(steps_total=F("steps_total") + len(children))
+    return list(Step.objects.filter(parent=step).order_by("map_index").values_list("pk", flat=True))
+
+
+def finish_parent(parent: Step, status: str, *, output: Any, error: str) -> None:
+    """A map parent whose last child finished reaches ``status`` (joined outputs or the first error)."""
+    Step.objects.filter(pk=parent.pk, status=StepStatus.RUNNING).update(
+        status=status, output=output, error=one_line(error), finished_at=now()
+    )
+    parent.status, parent.output, parent.error = status, output, error
+
+
+# --- attempts: claim, begin, throttle, close -------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    """A step claimed under a lease whose Attempt row is written: what the worker runs."""
+
+    step: Step
+    run: Run
+    token: uuid.UUID
+    now: datetime
+    gate_error: str | None = None
+
+
+def claim(
+    step_pk: int, token: uuid.UUID, at: datetime, worker: str, task_id: str, *, relaxed: bool
+) -> tuple[Step, Run, bool] | None:
+    """Claim a step under a lease (``sql.claim_and_begin``); see there for the shape."""
+    from orchestrator_site.conf import conf
+
+    return sql.claim_and_begin(
+        step_pk, token, at, worker[:200], task_id, conf.default_step_timeout, conf.lease_grace, relaxed=relaxed
+    )
+
+
+def begin(step: Step, run: Run, token: uuid.UUID, at: datetime, worker: str, task_id: str) -> None:
+    """Write the Attempt row of a claimed step (the claim's SQL did not: gated step or ORM path)."""
+    sql.insert(
+        [
+            Attempt(
+                step=step,
+                run=run,
+                number=step.attempts,
+                worker=worker[:200],
+                lease_token=token,
+                started_at=at,
+                task_id=task_id[:255],
+            )
+        ]
+    )
+
+
+def restart_clock(step: Step, at: datetime) -> None:
+    """A gated step admitted after waiting on the gate's locks starts now, not at its claim."""
+    Step.objects.filter(pk=step.pk).update(started_at=at)
+
+
+def cancel_claimed(step: Step, token: uuid.UUID, run_status: str, at: datetime) -> None:
+    """A step claimed for a run that ended meanwhile: cancelled, the attempt not counted."""
+    Step.objects.filter(pk=step.pk, lease_token=token).update(
+        status=StepStatus.CANCELLED,
+        finished_at=at,
+        lease_token=None,
+        lease_expires_at=None,
+        error=f"run is {run_status}",
+        attempts=F("attempts") - 1,
+    )
+
+
+def throttle(step: Step, token: uuid.UUID, delay: float, *, countdown: bool) -> None:
+    """Hand a just-claimed step back without running it: ``retry_wait`` for ``delay`` seconds,
+    the claim undone (``attempts`` back, lease cleared). ``countdown``: a delayed message carries
+    it (``queued_at`` set so the sweeper does not send another), else the sweeper sends it when due."""
+    at = now()
+    Step.objects.filter(pk=step.pk, lease_token=token).update(
+        status=StepStatus.RETRY_WAIT,
+        attempts=F("attempts") - 1,
+        lease_token=None,
+        lease_expires_at=None,
+        worker="",
+        next_attempt_at=at + timedelta(seconds=delay),
+        queued_at=at if countdown else None,
+    )
+
+
+def defer(step: Step, token: uuid.UUID, delay: float, *, countdown: bool, reason: str, duration_ms: int) -> bool:
+    """A handler's "not yet" (StepDeferred): ``running`` -> ``retry_wait`` for ``delay`` seconds
+    with the attempt closed as ``deferred``; one more attempt is allowed, so the deferral costs
+    none. ``countdown`` as in :func:`throttle`. False when the lease is no longer ``token``'s."""
+    at = now()
+    if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token).update(
+        status=StepStatus.RETRY_WAIT,
+        max_attempts=F("max_attempts") + 1,
+        lease_token=None,
+        lease_expires_at=None,
+        next_attempt_at=at + timedelta(seconds=delay),
+        queued_at=at if countdown else None,
+    ):
+        return False
+    Attempt.objects.filter(step=step, lease_token=token).update(
+        outcome=AttemptOutcome.DEFERRED, finished_at=at, duration_ms=duration_ms, error=one_line(reason)
+    )
+    step.status, step.max_attempts = StepStatus.RETRY_WAIT, step.max_attempts + 1
+    return True
+
+
+def close_success(step: Step, token: uuid.UUID, *, output: Any, resolved: Any, duration_ms: int) -> bool:
+    """``running`` -> ``succeeded`` with its attempt closed, only while the lease is ``token``'s.
+
+    Locks the run first (same round trip). False when the lease was taken over or the step was
+    cancelled; nothing is written then. Updates ``step`` in place.
+    """
+    ok = sql.close_success(
+        step,
+        token,
+        output_json=json.dumps(output),
+        input_json=json.dumps(resolved, default=str),
+        now=now(),
+        duration_ms=duration_ms,
+    )
+    if ok:
+        step.status, step.output = StepStatus.SUCCEEDED, output
+    return ok
+
+
+def close_failure(
+    step: Step,
+    token: uuid.UUID,
+    *,
+    status: str,
+    message: str,
+    resolved: Any,
+    delay: float,
+    countdown: bool,
+    outcome: str,
+    duration_ms: int,
+    http_status: int | None,
+) -> bool:
+    """``running`` -> ``retry_wait`` (next try in ``delay`` seconds), ``dead`` or ``failed``, with
+    the attempt closed as ``outcome``; only while the lease is ``token``'s (False: nothing written).
+    ``countdown`` as in :func:`throttle`. The caller holds the run's lock. Updates ``step``."""
+    at = now()
+    changes: dict[str, Any] = {
+        "status": status,
+        "error": message,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "input": json_safe(resolved),
+    }
+    if status == StepStatus.RETRY_WAIT:
+        changes["next_attempt_at"] = at + timedelta(seconds=delay)
+        changes["queued_at"] = at if countdown else None
+    else:
+        changes["finished_at"] = at
+    if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token).update(**changes):
+        return False
+    Attempt.objects.filter(step=step, lease_token=token).update(
+        outcome=outcome,
+        finished_at=at,
+        duration_ms=duration_ms,
+        error=message,
+        http_status=http_status if isinstance(http_status, int) and 0 < http_status < 1000 else None,
+    )
+    step.status, step.error = status, message
+    return True
+
+
+def refuse(step: Step, token: uuid.UUID, duration_ms: int) -> None:
+    """A completion that came too late: its attempt (running, or closed as lost) becomes ``refused``."""
+    Attempt.objects.filter(
+        step=step, lease_token=token, outcome__in=[AttemptOutcome.RUNNING, AttemptOutcome.LOST]
+    ).update(
+        outcome=AttemptOutcome.REFUSED,
+        finished_at=now(),
+        duration_ms=duration_ms,
+        error="completion refused: the lease was taken over or the step was cancelled",
+    )
+
+
+def extend_lease(step_pk: int, token: uuid.UUID, until: datetime) -> bool:
+    """Heartbeat: push the lease of a running step to ``until``, only while the lease is ``token``'s."""
+    return bool(
+        Step.objects.filter(pk=step_pk, status=StepStatus.RUNNING, lease_token=token).update(lease_expires_at=until)
+    )
+
+
+# --- waiting steps made due ------------------------------------------------------------------------
+
+
+def make_due(step_pks: list[int]) -> list[int]:
+    """Waiting steps (``retry_wait``) become due now. Returns those that were still waiting."""
+    due = list(Step.objects.filter(pk__in=step_pks, status=StepStatus.RETRY_WAIT).values_list("pk", flat=True))
+    if due:
+        Step.objects.filter(pk__in=due, status=StepStatus.RETRY_WAIT).update(next_attempt_at=now())
+    return due
+
+
+def queue_due_retries(candidates: list[int], due_filter: Any, at: datetime) -> list[tuple[int, Any, str]]:
+    """Sweeper: due ``retry_wait`` steps -> ``queued``. Rows another sweeper holds are skipped
+    (SKIP LOCKED) and the condition re-checked under the lock, so a step is moved (and sent) once.
+
+    Returns ``[(pk, run id, step id)]`` of the moved steps.
+    """
+    moved = list(
+        Step.objects.select_for_update(skip_locked=True)
+        .filter(due_filter, pk__in=candidates, status=StepStatus.RETRY_WAIT, next_attempt_at__lte=at)
+        .values_list("pk", flat=True)
+    )
+    Step.objects.filter(pk__in=moved, status=StepStatus.RETRY_WAIT).update(status=StepStatus.QUEUED, queued_at=at)
+    return list(Step.objects.filter(pk__in=moved).values_list("pk", "run_id", "step_id"))
+
+
+def mark_resent(candidates: list[int], stale: datetime, at: datetime) -> list[int]:
+    """Sweeper: queued steps whose message looks lost get ``queued_at`` = ``at`` (they are sent
+    again). Locked and re-checked as in :func:`queue_due_retries`. Returns their ids."""
+    resent = list(
+        Step.objects.select_for_update(skip_locked=True)
+        .filter(pk__in=candidates, status=StepStatus.QUEUED, queued_at__lt=stale)
+        .values_list("pk", flat=True)
+    )
+    Step.objects.filter(pk__in=resent).update(queued_at=at)
+    return resent
+
+
+def resend_queued(step_pks: list[int], at: datetime) -> list[int]:
+    """Sweeper: steps of a worker that died while holding their messages, still ``queued``, are
+    sent again now. Returns those still queued (locked with SKIP LOCKED, re-checked)."""
+    resent = list(
+        Step.objects.select_for_update(skip_locked=True)
+        .filter(pk__in=step_pks, status=StepStatus.QUEUED)
+        .values_list("pk", flat=True)
+    )
+    Step.objects.filter(pk__in=resent).update(queued_at=at)
+    return resent
+
+
+# --- retry: rows reset for another pass ------------------------------------------------------------
+
+
+def reset_step(step: Step, *, pending_deps: int, base_attempts: int) -> None:
+    """A step retried from scratch (Airflow's "clear"): ``pending`` again with its dependencies
+    still to finish, and ``base_attempts`` more attempts (numbers go on). Caller holds the run."""
+    Step.objects.filter(pk=step.pk).update(
+        status=StepStatus.PENDING,
+        pending_deps=pending_deps,
+        pending_children=None,
+        max_attempts=step.attempts + base_attempts,
+        next_attempt_at=None,
+        lease_expires_at=None,
+        lease_token=None,
+        worker="",
+        input=None,
+        output=None,
+        error="",
+        queued_at=None,
+        started_at=None,
+        finished_at=None,
+    )
+
+
+def requeue_child(child: Step, *, base_attempts: int, at: datetime) -> None:
+    """A map item retried on its own: ``queued`` again with ``base_attempts`` more attempts."""
+    Step.objects.filter(pk=child.pk).update(
+        status=StepStatus.QUEUED,
+        queued_at=at,
+        max_attempts=child.attempts + base_attempts,
+        next_attempt_at=None,
+        lease_expires_at=None,
+        lease_token=None,
+        output=None,
+        error="",
+        started_at=None,
+        finished_at=None,
+    )
+
+
+def reopen_parent(parent: Step) -> None:
+    """A map parent some of whose items run again: ``running``, waiting for the unfinished ones."""
+    unfinished = Step.objects.filter(parent_id=parent.pk).exclude(status__in=STEP_TERMINAL).count()
+    Step.objects.filter(pk=parent.pk).update(
+        status=StepStatus.RUNNING, pending_children=unfinished, output=None, error="", finished_at=None
+    )
+
+
+def reopen_run(run: Run, changes: dict[str, Any]) -> None:
+    """A retried run is ``running`` again (``changes``: deadline, steps_total as the retry says)."""
+    changes = {"status": RunStatus.RUNNING, "finished_at": None, "error": "", "outputs": None, **changes}
+    Run.objects.filter(pk=run.pk).update(**changes)
+    for name, value in changes.items():
+        setattr(run, name, value)
