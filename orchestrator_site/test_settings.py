@@ -3,6 +3,9 @@
 import os
 import tempfile
 
+# ORCHESTRATOR_TEST_SQLITE=1 runs the suite on SQLite (the embedded default's database) instead.
+if os.environ.get("ORCHESTRATOR_TEST_SQLITE"):
+    os.environ.setdefault("DATABASE_URL", f"sqlite:///{tempfile.gettempdir()}/orchestrator-main.sqlite3")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 # A queue of this test session only: messages left by other sessions never reach its worker.
@@ -16,3 +19,9 @@ from .settings import *  # noqa: E402,F403
 
 # Sessions running side by side (e.g. two checkouts) can each take their own test database.
 DATABASES["default"]["TEST"] = {"NAME": os.environ.get("ORCHESTRATOR_TEST_DB", "test_orchestrator")}  # noqa: F405
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # The engine suite on the embedded default's database (tests/README: ORCHESTRATOR_TEST_SQLITE):
+    # a file, so that the worker process shares it with the tests.
+    DATABASES["default"]["TEST"]["NAME"] = os.environ.get(  # noqa: F405
+        "ORCHESTRATOR_TEST_DB", os.path.join(tempfile.gettempdir(), "test_orchestrator.sqlite3")
+    )

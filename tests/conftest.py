@@ -54,7 +54,9 @@ def worker_env(django_db_setup, agent_server, tmp_path_factory):
     env.update(
         DJANGO_SETTINGS_MODULE="orchestrator_site.settings",
         DATABASE_URL=(
-            f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+            f"sqlite:///{db['NAME']}"
+            if connection.vendor == "sqlite"
+            else f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
         ),
         ORCHESTRATOR_AGENTS_BASE_URL=agent_server.url,
         ORCHESTRATOR_SERVICE_TOKEN=SERVICE_TOKEN,

@@ -28,12 +28,13 @@ Errors raised to callers: ``templates_app.errors.WorkflowError`` for bad inputs.
 
 from __future__ import annotations
 
+from .attempts import backoff_delay
 from .broker import enqueue_steps
 from .cascade import admit_waiting_runs, decide_pending
 from .context import build_context
 from .lifecycle import cancel_run, expire_run, limit_changed, reset_for_retry, start_run, wake_steps
 from .sweeper import recover_dead_holders, sweep
-from .worker import backoff_delay, execute_step
+from .worker import execute_step
 
 __all__ = [
     "admit_waiting_runs",

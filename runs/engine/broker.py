@@ -58,4 +58,3 @@ def schedule_deadline(run_id: Any, seconds: float) -> None:
         _app().send_task(EXPIRE_RUN, args=[str(run_id)], countdown=seconds + 0.5)
     except Exception:  # the sweeper enforces deadlines too; a broker hiccup here loses nothing
         log.warning("could not schedule the deadline check of run %s; the sweeper will", run_id)
-

@@ -21,7 +21,7 @@ from orchestrator_site.conf import conf
 from ..choices import AttemptOutcome, RunStatus, StepStatus, TraceKind
 from ..models import Run, Step, Trace, WorkerHeartbeat
 from . import broker, cascade, gate, lifecycle, state
-from .worker import fail
+from .attempts import fail
 
 
 def sweep(now: datetime | None = None) -> dict[str, int]:
