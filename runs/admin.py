@@ -69,7 +69,7 @@ LIVE_POLL_MS = 2000
 
 #: How the admin names trigger kinds. ``retry`` is what ``services.rerun`` stores on the new run
 #: (a retry in place creates no run), so a run's trigger "retry" is a rerun.
-TRIGGER_LABELS = {"retry": "Rerun"}
+TRIGGER_LABELS = {"retry": "Rerun", "api": "API", "cli": "CLI"}
 
 
 def trigger_label(value: str) -> str:
@@ -79,9 +79,24 @@ def trigger_label(value: str) -> str:
     return TriggerKind(value).label if value in TriggerKind.values else value
 
 
+def compact_time(moment: Any) -> str:
+    """``"Nov 30 20:45:01"`` in the current time zone (the year when it is not this year): list
+    columns stay narrow enough for a 1400 px screen."""
+    if moment is None:
+        return "-"
+    local = timezone.localtime(moment)
+    fmt = "%b %d %H:%M:%S" if local.year == timezone.localtime().year else "%Y %b %d %H:%M"
+    return local.strftime(fmt)
+
+
+def short_text(text: str, limit: int = 90) -> str:
+    return (text[:limit] + "…") if len(text) > limit else text
+
+
 def status_badge(status: str) -> str:
     return format_html(
-        '<span style="color:#fff;background:{};padding:1px 6px;border-radius:8px;font-size:11px">{}</span>',
+        '<span class="status-badge" style="color:#fff;background:{};padding:1px 6px;border-radius:8px;'
+        'font-size:11px;white-space:nowrap">{}</span>',
         STATUS_COLORS.get(status, "#888"),
         status,
     )
@@ -117,6 +132,7 @@ class TenantScopedAdmin(admin.ModelAdmin):
     tenant_field = "tenant_id"
     paginator = CappedCountPaginator
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # "Show counts" would COUNT every filter choice over the whole table
     list_per_page = 100
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
@@ -318,13 +334,12 @@ class StepInline(admin.TabularInline):
 class RunAdmin(EngineRowsAdmin):
     list_display = [
         "short_id",
-        "template_key",
-        "template_version",
+        "template_display",
         "status_badge",
         "tenant_id",
         "correlation_id",
         "trigger_display",
-        "created_at",
+        "created_display",
         "duration",
         "error_short",
     ]
@@ -430,6 +445,14 @@ class RunAdmin(EngineRowsAdmin):
     @admin.display(description="trigger", ordering="trigger")
     def trigger_display(self, run: Run) -> str:
         return trigger_label(run.trigger)
+
+    @admin.display(description="template", ordering="template_key")
+    def template_display(self, run: Run) -> str:
+        return f"{run.template_key} v{run.template_version}" if run.template_version else run.template_key
+
+    @admin.display(description="created", ordering="created_at")
+    def created_display(self, run: Run) -> str:
+        return compact_time(run.created_at)
 
     @admin.display(description="template")
     def template_link(self, run: Run) -> str:
@@ -613,7 +636,16 @@ class AttemptInline(admin.TabularInline):
 @admin.register(Step)
 class StepAdmin(EngineRowsAdmin):
     tenant_field = "run__tenant_id"
-    list_display = ["step_id", "run_link", "type", "status_badge", "attempts_display", "worker", "finished_at", "error"]
+    list_display = [
+        "step_id",
+        "run_link",
+        "type",
+        "status_badge",
+        "attempts_display",
+        "worker",
+        "finished_display",
+        "error_short",
+    ]
     list_filter = ["status", StepTypeFilter, RunTenantFilter]
     search_fields = ["step_id"]
     search_help_text = "Run id (shows its steps) or step id (exact)."
@@ -647,7 +679,26 @@ class StepAdmin(EngineRowsAdmin):
         "item_display",
         "spec_display",
     ]
-    fields = readonly_fields
+    fieldsets = [
+        (None, {"fields": ["run_link", "step_id", ("type", "status_badge", "attempts_display"), "error"]}),
+        ("Input and output", {"fields": ["input_display", "output_display", "item_display"]}),
+        ("Latest traces", {"fields": ["step_traces", "traces_link"]}),
+        (
+            "Scheduling",
+            {
+                "classes": ["collapse"],
+                "fields": [
+                    ("parent", "map_index"),
+                    ("depends_on", "dependents"),
+                    ("pending_deps", "pending_children"),
+                    ("queued_at", "started_at", "finished_at"),
+                    ("next_attempt_at", "lease_expires_at"),
+                    "worker",
+                ],
+            },
+        ),
+        ("Spec", {"classes": ["collapse"], "fields": ["spec_display"]}),
+    ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).defer("spec", "input", "output", "item", "dependents")
@@ -677,6 +728,14 @@ class StepAdmin(EngineRowsAdmin):
     @admin.display(description="attempts")
     def attempts_display(self, step: Step) -> str:
         return f"{step.attempts} / {step.max_attempts}"
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished_display(self, step: Step) -> str:
+        return compact_time(step.finished_at)
+
+    @admin.display(description="error")
+    def error_short(self, step: Step) -> str:
+        return short_text(step.error)
 
     @admin.display(description="traces")
     def traces_link(self, step: Step) -> str:
@@ -782,8 +841,8 @@ class AttemptAdmin(EngineRowsAdmin):
         "outcome",
         "http_status",
         "duration_ms",
-        "started_at",
-        "error",
+        "started_display",
+        "error_short",
     ]
     list_filter = ["outcome", RunTenantFilter]
     search_fields = ["task_id"]
@@ -822,6 +881,14 @@ class AttemptAdmin(EngineRowsAdmin):
         return format_html(
             '<a href="{}">step #{}</a>', reverse("admin:runs_step_change", args=[attempt.step_id]), attempt.step_id
         )
+
+    @admin.display(description="started", ordering="started_at")
+    def started_display(self, attempt: Attempt) -> str:
+        return compact_time(attempt.started_at)
+
+    @admin.display(description="error")
+    def error_short(self, attempt: Attempt) -> str:
+        return short_text(attempt.error)
 
     @admin.display(description="run")
     def run_link(self, attempt: Attempt) -> str:

@@ -67,14 +67,14 @@
   });
 
   draw("chart-rates", {
-    type: "line",
+    type: "bar",
     data: {
       labels: data.hours,
       datasets: [
         { label: "failed attempts (retried or died)", data: data.rates.retries, borderColor: colors.retry_wait,
-          backgroundColor: colors.retry_wait, tension: 0.25 },
+          backgroundColor: colors.retry_wait },
         { label: "steps that went dead", data: data.rates.dead, borderColor: colors.dead,
-          backgroundColor: colors.dead, tension: 0.25 },
+          backgroundColor: colors.dead },
       ],
     },
     options: {

@@ -119,7 +119,7 @@
       /* the server restarts or the network blinks: try again at the next tick */
     }
     if (!data.run.finished) window.setTimeout(poll, pollMs);
-    else document.body.dataset.runFinished = "1";
+    else window.location.reload(); // the run's fields, steps and traces below: read once, at its end
   }
 
   drawTimeline();
