@@ -204,3 +204,69 @@ def test_edited_input_errors_name_the_step_and_field(chain_template):
         assert str(caught.value).startswith(expected), str(caught.value)
     assert parse_edited_input(step, '{"output": "${steps.a.output}"}') == {"output": "${steps.a.output}"}
     assert json.loads('{"a": 1}') == parse_edited_input(step, '{"a": 1}')
+
+
+# --- dashboard numbers ---------------------------------------------------------------------------------
+
+
+def test_percentile_is_the_nearest_rank():
+    from runs.admin_views import percentile
+
+    values = list(range(1, 101))  # 1..100
+    assert [percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert percentile([7], 99) == 7
+    assert percentile([], 50) is None
+
+
+def test_dashboard_charts_count_runs_per_hour_and_scope_to_the_tenant(chain_template, tenants):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runs.admin_views import chart_data
+    from runs.models import Attempt
+
+    # given finished runs in acme (one an hour ago, one dead step) and one in globex
+    now = timezone.now()
+    done = make_run(chain_template)
+    Run.objects.filter(pk=done.pk).update(
+        status="succeeded", started_at=now - timedelta(hours=2), finished_at=now - timedelta(hours=1)
+    )
+    failed = make_run(chain_template)
+    Run.objects.filter(pk=failed.pk).update(status="failed", started_at=now - timedelta(hours=1), finished_at=now)
+    step = Step.objects.get(run=failed, step_id="a")
+    Step.objects.filter(pk=step.pk).update(status="dead", attempts=1, finished_at=now)
+    Attempt.objects.create(step=step, run=failed, number=1, lease_token=done.pk, outcome="failed", started_at=now)
+    Attempt.objects.create(
+        step=Step.objects.get(run=done, step_id="a"),
+        run=done,
+        number=1,
+        lease_token=done.pk,
+        outcome="succeeded",
+        started_at=now - timedelta(hours=1),
+        duration_ms=40,
+    )
+    from templates_app.services import save_template
+
+    other = save_template(chain_template.spec, chain_template.source, tenant_id="globex").template
+    theirs = make_run(other, tenant="globex")
+    Run.objects.filter(pk=theirs.pk).update(status="succeeded", started_at=now - timedelta(hours=1), finished_at=now)
+
+    class Request:
+        def __init__(self, user):
+            self.user = user
+
+    member = get_user_model().objects.create_user("m")
+    from runs.models import Membership
+
+    Membership.objects.create(user=member, tenant=tenants["acme"], role="member", is_default=True)
+    charts = chart_data(Request(member), now, {"dead": 1})
+
+    # then acme's member counts acme's runs only, in the right hours
+    assert charts["runs_finished"]["succeeded"][-2:] == [1, 0]
+    assert charts["runs_finished"]["failed"][-1] == 1
+    assert sum(charts["runs_finished"]["succeeded"]) == 1  # globex's run is not counted
+    assert charts["durations"]["types"] == ["noop"] and charts["durations"]["series"]["p50"] == [40]
+    assert charts["rates"]["retries"][-1] == 1 and charts["rates"]["dead"][-1] == 1
+    assert charts["rates"]["attempts"] == 2 and charts["rates"]["retry_rate"] == 0.5
+    assert charts["tokens"] is None  # the hook, until attempts record token usage
