@@ -16,13 +16,16 @@
   function label(a) { return a.step + " #" + a.number; }
 
   function timelineConfig(attempts) {
+    // a bar of a few ms stays visible: at least 0.4 % of the time span drawn
+    const span = Math.max(1, ...attempts.map((a) => a.end));
+    const least = Math.max(0.02, span * 0.004);
     return {
       type: "bar",
       data: {
         labels: attempts.map(label),
         datasets: [{
           label: "attempt",
-          data: attempts.map((a) => [a.start, Math.max(a.end, a.start + 0.02)]),
+          data: attempts.map((a) => [a.start, Math.max(a.end, a.start + least)]),
           backgroundColor: attempts.map((a) => colors[a.outcome] || "#888"),
           borderRadius: 3,
           barPercentage: 0.8,
