@@ -605,9 +605,10 @@ class RunAdmin(EngineRowsAdmin):
             "read_only_role": None if writable or run is None else tenancy.role_in(request.user, run.tenant_id),
         }
         if run is not None:
+            live = admin_graph.live_payload(run)
             extra_context |= {
-                "graph": admin_graph.graph(run),
-                "live": admin_graph.live_payload(run),
+                "graph": admin_graph.graph(run, live),
+                "live": live,
                 "status_colors": STATUS_COLORS,
                 "outcome_colors": OUTCOME_COLORS,
                 "poll_ms": LIVE_POLL_MS,

@@ -207,10 +207,11 @@ def live_payload(run: Run) -> dict[str, Any]:
     }
 
 
-def graph(run: Run) -> dict[str, Any]:
-    """The laid-out DAG of ``run`` with each step's state: :func:`layout` over :func:`step_states`,
+def graph(run: Run, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The laid-out DAG of ``run`` with each step's state: :func:`layout` over :func:`step_states`
+    (or over the steps of ``live``, a :func:`live_payload` of the same run, to save its queries),
     plus ``"truncated": bool`` when the run has more than :data:`GRAPH_LIMIT` top-level steps."""
-    steps, total = step_states(run)
+    steps, total = (live["steps"], live["steps_total"]) if live is not None else step_states(run)
     drawn = layout(steps)
     drawn["truncated"] = total > len(steps)
     drawn["total"] = total
