@@ -94,13 +94,13 @@ class CredentialAdmin(TenantScopedAdmin):
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         form = super().get_form(request, obj, change=change, **kwargs)
-        slugs = tenancy.tenant_slugs(request.user)
+        slugs = tenancy.writable_tenant_slugs(request.user)  # owners and members, as in the API
 
-        class ScopedForm(form):  # staff may only put credentials in their own tenants
+        class ScopedForm(form):  # staff may only put credentials in tenants where they write
             def clean_tenant_id(self) -> str:
                 slug = self.cleaned_data["tenant_id"]
                 if slugs is not None and slug not in slugs:
-                    raise forms.ValidationError("Not one of your tenants.")
+                    raise forms.ValidationError("Not a tenant where you are owner or member.")
                 return slug
 
         return ScopedForm
@@ -222,8 +222,15 @@ class QueuedRunAdmin(ReadOnlyAdmin):
     def run_link(self, queued: QueuedRun) -> str:
         return format_html('<a href="{}">{}</a>', reverse("admin:runs_run_change", args=[queued.run_id]), queued.run_id)
 
-    @admin.action(description="Admit the selected runs that fit their limits now")
+    def has_admit_permission(self, request: HttpRequest) -> bool:
+        """Admitting starts runs: owners and members of some tenant (the API's rule), superusers."""
+        return tenancy.writable_tenant_slugs(request.user) != set()
+
+    @admin.action(description="Admit the selected runs that fit their limits now", permissions=["admit"])
     def admit(self, request: HttpRequest, queryset: QuerySet) -> None:
+        slugs = tenancy.writable_tenant_slugs(request.user)
+        if slugs is not None:
+            queryset = queryset.filter(tenant_id__in=sorted(slugs))
         tenants = sorted(set(queryset.values_list("tenant_id", flat=True)))
         from runs import engine
 

@@ -19,21 +19,23 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
-from django.urls import path, reverse
+from django.urls import path, reverse, reverse_lazy
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
-from . import services, tenancy
-from .choices import StepStatus
+from . import admin_graph, services, tenancy
+from .choices import StepStatus, TriggerKind
 from .models import Attempt, Membership, Run, Step, Tenant, Trace
 
 admin.site.site_header = "Orchestrator operations"
 admin.site.site_title = "Orchestrator"
 admin.site.index_title = "Operations"
 admin.site.index_template = "admin/orchestrator/index.html"
+# "View site": the operations dashboard (the project has no public site; "/" is a 404).
+admin.site.site_url = reverse_lazy("ops-dashboard")
 
 #: A change list counts at most this many rows (beyond it shows "10000+" pages' worth).
 COUNT_CAP = 10_000
@@ -52,9 +54,49 @@ STATUS_COLORS = {
 }
 
 
+#: Bar colours of the attempt timeline, by outcome.
+OUTCOME_COLORS = {
+    "running": STATUS_COLORS["running"],
+    "succeeded": STATUS_COLORS["succeeded"],
+    "failed": STATUS_COLORS["failed"],
+    "timed_out": STATUS_COLORS["timed_out"],
+    "lost": "#8250df",
+    "refused": "#999",
+}
+
+#: How often the run page polls its live JSON while the run is active (ms).
+LIVE_POLL_MS = 2000
+
+#: How the admin names trigger kinds. ``retry`` is what ``services.rerun`` stores on the new run
+#: (a retry in place creates no run), so a run's trigger "retry" is a rerun.
+TRIGGER_LABELS = {"retry": "Rerun", "api": "API", "cli": "CLI"}
+
+
+def trigger_label(value: str) -> str:
+    """The label an operator reads for a stored trigger kind ("retry" -> "Rerun")."""
+    if value in TRIGGER_LABELS:
+        return TRIGGER_LABELS[value]
+    return TriggerKind(value).label if value in TriggerKind.values else value
+
+
+def compact_time(moment: Any) -> str:
+    """``"Nov 30 20:45:01"`` in the current time zone (the year when it is not this year): list
+    columns stay narrow enough for a 1400 px screen."""
+    if moment is None:
+        return "-"
+    local = timezone.localtime(moment)
+    fmt = "%b %d %H:%M:%S" if local.year == timezone.localtime().year else "%Y %b %d %H:%M"
+    return local.strftime(fmt)
+
+
+def short_text(text: str, limit: int = 90) -> str:
+    return (text[:limit] + "…") if len(text) > limit else text
+
+
 def status_badge(status: str) -> str:
     return format_html(
-        '<span style="color:#fff;background:{};padding:1px 6px;border-radius:8px;font-size:11px">{}</span>',
+        '<span class="status-badge" style="color:#fff;background:{};padding:1px 6px;border-radius:8px;'
+        'font-size:11px;white-space:nowrap">{}</span>',
         STATUS_COLORS.get(status, "#888"),
         status,
     )
@@ -81,11 +123,16 @@ class CappedCountPaginator(Paginator):
 
 
 class TenantScopedAdmin(admin.ModelAdmin):
-    """Staff who are not superusers see only their tenants' rows."""
+    """Staff who are not superusers see only their tenants' rows, and change only those of the
+    tenants where they are owner or member (viewers read only: the API's rule)."""
+
+    class Media:
+        css = {"all": ["runs/ops.css"]}
 
     tenant_field = "tenant_id"
     paginator = CappedCountPaginator
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # "Show counts" would COUNT every filter choice over the whole table
     list_per_page = 100
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
@@ -94,6 +141,62 @@ class TenantScopedAdmin(admin.ModelAdmin):
     def may_see_tenant(self, request: HttpRequest, slug: str) -> bool:
         slugs = tenancy.tenant_slugs(request.user)
         return slugs is None or slug in slugs
+
+    # --- roles: the API's rule (owners and members write, viewers read), per tenant ----------------
+    def tenant_of(self, obj: Any) -> str:
+        """The tenant slug of ``obj``, following ``tenant_field`` (``"run__tenant_id"`` -> obj.run.tenant_id)."""
+        value = obj
+        for part in self.tenant_field.split("__"):
+            value = getattr(value, part)
+        return value
+
+    def may_write(self, request: HttpRequest, obj: Any = None) -> bool:
+        """May the user change ``obj`` (its tenant is one where they are owner or member)? With no
+        ``obj``: may they change anything at all (some tenant where they write)?"""
+        slugs = tenancy.writable_tenant_slugs(request.user)
+        if slugs is None:
+            return True
+        if obj is None:
+            return bool(slugs)
+        return self.tenant_of(obj) in slugs
+
+    def writable_only(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        """``queryset`` limited to the tenants where the user writes; a warning names the others."""
+        slugs = tenancy.writable_tenant_slugs(request.user)
+        if slugs is None:
+            return queryset
+        read_only = queryset.exclude(**{f"{self.tenant_field}__in": sorted(slugs)})
+        foreign = sorted(set(read_only.values_list(self.tenant_field, flat=True)[:1000]))
+        if foreign:
+            self.message_user(request, read_only_message(request, foreign), messages.ERROR)
+        return queryset.filter(**{f"{self.tenant_field}__in": sorted(slugs)})
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and self.may_write(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_delete_permission(request, obj) and self.may_write(request, obj)
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return super().has_add_permission(request, *args) and self.may_write(request)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None):
+        """A POSTed action the user's roles do not allow is refused with a message (Django alone
+        would only say "No action selected")."""
+        action = request.POST.get("action") if request.method == "POST" else None
+        if action and action in (self.actions or []) and action not in self.get_actions(request):
+            self.message_user(request, read_only_message(request), messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        return super().changelist_view(request, extra_context)
+
+
+def read_only_message(request: HttpRequest, slugs: list[str] | None = None) -> str:
+    """The one-line refusal an operator sees: which tenants, which role, nothing done."""
+    user = request.user
+    if not slugs:
+        slugs = sorted(tenancy.tenant_slugs(user) or [])
+    roles = ", ".join(f"{slug!r} is {tenancy.role_in(user, slug) or 'none'}" for slug in slugs[:5])
+    return f"Refused: your role in tenant {roles}: read only (as in the API). Nothing was changed."
 
 
 class EngineRowsAdmin(TenantScopedAdmin):
@@ -165,6 +268,19 @@ class StepTypeFilter(admin.SimpleListFilter):
         return queryset.filter(type=self.value()) if self.value() else queryset
 
 
+class TriggerFilter(admin.SimpleListFilter):
+    """Trigger kinds under the admin's names (a stored "retry" is a rerun)."""
+
+    title = "trigger"
+    parameter_name = "trigger__exact"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(value, trigger_label(value)) for value in TriggerKind.values]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        return queryset.filter(trigger=self.value()) if self.value() else queryset
+
+
 def _uuid(term: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(term.strip())
@@ -218,17 +334,16 @@ class StepInline(admin.TabularInline):
 class RunAdmin(EngineRowsAdmin):
     list_display = [
         "short_id",
-        "template_key",
-        "template_version",
+        "template_display",
         "status_badge",
         "tenant_id",
         "correlation_id",
-        "trigger",
-        "created_at",
+        "trigger_display",
+        "created_display",
         "duration",
         "error_short",
     ]
-    list_filter = ["status", TemplateKeyFilter, TenantFilter, "trigger", ("created_at", admin.DateFieldListFilter)]
+    list_filter = ["status", TemplateKeyFilter, TenantFilter, TriggerFilter, ("created_at", admin.DateFieldListFilter)]
     search_fields = ["correlation_id"]  # see get_search_results: run id, correlation id, idempotency key
     search_help_text = "Run id, correlation id or idempotency key (exact)."
     ordering = ["-created_at"]
@@ -244,7 +359,7 @@ class RunAdmin(EngineRowsAdmin):
         "correlation_id",
         "idempotency_key",
         "priority",
-        "trigger",
+        "trigger_display",
         "rerun_of_link",
         "progress_display",
         "related_links",
@@ -273,7 +388,13 @@ class RunAdmin(EngineRowsAdmin):
         ),
         (
             "Identity",
-            {"fields": [("tenant_id", "user_id"), ("correlation_id", "idempotency_key"), ("priority", "trigger")]},
+            {
+                "fields": [
+                    ("tenant_id", "user_id"),
+                    ("correlation_id", "idempotency_key"),
+                    ("priority", "trigger_display"),
+                ]
+            },
         ),
         ("Times", {"fields": [("created_at", "started_at", "finished_at", "deadline")]}),
         ("Data", {"fields": ["inputs_display", "outputs_display", "metadata_display", "rerun_of_link"]}),
@@ -320,6 +441,18 @@ class RunAdmin(EngineRowsAdmin):
     @admin.display(description="error")
     def error_short(self, run: Run) -> str:
         return (run.error[:80] + "…") if len(run.error) > 80 else run.error
+
+    @admin.display(description="trigger", ordering="trigger")
+    def trigger_display(self, run: Run) -> str:
+        return trigger_label(run.trigger)
+
+    @admin.display(description="template", ordering="template_key")
+    def template_display(self, run: Run) -> str:
+        return f"{run.template_key} v{run.template_version}" if run.template_version else run.template_key
+
+    @admin.display(description="created", ordering="created_at")
+    def created_display(self, run: Run) -> str:
+        return compact_time(run.created_at)
 
     @admin.display(description="template")
     def template_link(self, run: Run) -> str:
@@ -381,7 +514,7 @@ class RunAdmin(EngineRowsAdmin):
     # actions ---------------------------------------------------------------------------------
     def _each(self, request: HttpRequest, queryset: QuerySet, verb: str, func) -> None:
         done, refused = 0, []
-        for run in queryset.defer("inputs", "outputs", "metadata")[:500]:
+        for run in self.writable_only(request, queryset).defer("inputs", "outputs", "metadata")[:500]:
             try:
                 func(run)
                 done += 1
@@ -419,13 +552,27 @@ class RunAdmin(EngineRowsAdmin):
                 "<uuid:object_id>/operate/<str:verb>/",
                 self.admin_site.admin_view(require_POST(self.operate_view)),
                 name="runs_run_operate",
-            )
+            ),
+            path("<uuid:object_id>/live/", self.admin_site.admin_view(self.live_view), name="runs_run_live"),
         ]
         return urls + super().get_urls()
+
+    def live_view(self, request: HttpRequest, object_id: uuid.UUID) -> JsonResponse:
+        """GET: the run's step states and attempts as JSON, polled by the run page while the run is
+        active (``runs.admin_graph.live_payload``). Another tenant's run is a 404."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        run = get_object_or_404(self.get_queryset(request), pk=object_id)
+        response = JsonResponse(admin_graph.live_payload(run))
+        response["Cache-Control"] = "no-store"
+        return response
 
     def operate_view(self, request: HttpRequest, object_id: uuid.UUID, verb: str) -> HttpResponseRedirect:
         """POST target of the Retry / Cancel / Rerun buttons of a run's page."""
         run = get_object_or_404(self.get_queryset(request), pk=object_id)
+        if not self.may_write(request, run):  # the role first: a viewer gets a message, not a 403 page
+            self.message_user(request, read_only_message(request, [run.tenant_id]), messages.ERROR)
+            return HttpResponseRedirect(reverse("admin:runs_run_change", args=[run.pk]))
         if not self.has_change_permission(request):
             raise PermissionDenied
         user = request.user.get_username()
@@ -450,7 +597,22 @@ class RunAdmin(EngineRowsAdmin):
         return HttpResponseRedirect(reverse("admin:runs_run_change", args=[target]))
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context=None):
-        extra_context = {**(extra_context or {}), "operate_verbs": ["retry", "cancel", "rerun", "trigger"]}
+        run = self.get_object(request, object_id)
+        writable = run is not None and self.has_change_permission(request) and self.may_write(request, run)
+        extra_context = {
+            **(extra_context or {}),
+            "operate_verbs": ["retry", "cancel", "rerun", "trigger"] if writable else [],
+            "read_only_role": None if writable or run is None else tenancy.role_in(request.user, run.tenant_id),
+        }
+        if run is not None:
+            live = admin_graph.live_payload(run)
+            extra_context |= {
+                "graph": admin_graph.graph(run, live),
+                "live": live,
+                "status_colors": STATUS_COLORS,
+                "outcome_colors": OUTCOME_COLORS,
+                "poll_ms": LIVE_POLL_MS,
+            }
         return super().change_view(request, object_id, form_url, extra_context)
 
 
@@ -475,7 +637,16 @@ class AttemptInline(admin.TabularInline):
 @admin.register(Step)
 class StepAdmin(EngineRowsAdmin):
     tenant_field = "run__tenant_id"
-    list_display = ["step_id", "run_link", "type", "status_badge", "attempts_display", "worker", "finished_at", "error"]
+    list_display = [
+        "step_id",
+        "run_link",
+        "type",
+        "status_badge",
+        "attempts_display",
+        "worker",
+        "finished_display",
+        "error_short",
+    ]
     list_filter = ["status", StepTypeFilter, RunTenantFilter]
     search_fields = ["step_id"]
     search_help_text = "Run id (shows its steps) or step id (exact)."
@@ -505,10 +676,30 @@ class StepAdmin(EngineRowsAdmin):
         "traces_link",
         "input_display",
         "output_display",
+        "step_traces",
         "item_display",
         "spec_display",
     ]
-    fields = readonly_fields
+    fieldsets = [
+        (None, {"fields": ["run_link", "step_id", ("type", "status_badge", "attempts_display"), "error"]}),
+        ("Input and output", {"fields": ["input_display", "output_display", "item_display"]}),
+        ("Latest traces", {"fields": ["step_traces", "traces_link"]}),
+        (
+            "Scheduling",
+            {
+                "classes": ["collapse"],
+                "fields": [
+                    ("parent", "map_index"),
+                    ("depends_on", "dependents"),
+                    ("pending_deps", "pending_children"),
+                    ("queued_at", "started_at", "finished_at"),
+                    ("next_attempt_at", "lease_expires_at"),
+                    "worker",
+                ],
+            },
+        ),
+        ("Spec", {"classes": ["collapse"], "fields": ["spec_display"]}),
+    ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).defer("spec", "input", "output", "item", "dependents")
@@ -539,6 +730,14 @@ class StepAdmin(EngineRowsAdmin):
     def attempts_display(self, step: Step) -> str:
         return f"{step.attempts} / {step.max_attempts}"
 
+    @admin.display(description="finished", ordering="finished_at")
+    def finished_display(self, step: Step) -> str:
+        return compact_time(step.finished_at)
+
+    @admin.display(description="error")
+    def error_short(self, step: Step) -> str:
+        return short_text(step.error)
+
     @admin.display(description="traces")
     def traces_link(self, step: Step) -> str:
         url = reverse("admin:runs_trace_changelist") + f"?step={step.pk}"
@@ -560,9 +759,71 @@ class StepAdmin(EngineRowsAdmin):
     def spec_display(self, step: Step) -> str:
         return pretty_json(step.spec)
 
+    @admin.display(description="latest traces")
+    def step_traces(self, step: Step) -> str:
+        rows = list(Trace.objects.filter(step_id=step.pk).order_by("-id")[:30])  # FK index on step_id
+        if not rows:
+            return "-"
+        return format_html(
+            '<table id="step-traces"><tr><th>time</th><th>attempt</th><th>kind</th><th>message</th></tr>{}</table>',
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                ((t.created_at.strftime("%H:%M:%S.%f")[:-3], t.attempt or "", t.kind, t.message[:300]) for t in rows),
+            ),
+        )
+
+    # the step page: "rerun this step with edited input" -------------------------------------------
+    def get_urls(self):
+        urls = [
+            path(
+                "<int:object_id>/rerun/",
+                self.admin_site.admin_view(require_POST(self.rerun_view)),
+                name="runs_step_rerun",
+            )
+        ]
+        return urls + super().get_urls()
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context=None):
+        from .admin_views import step_input_for_editing
+
+        step = self.get_object(request, object_id)
+        extra_context = dict(extra_context or {})
+        if step is not None:
+            writable = self.has_change_permission(request) and self.may_write(request, step)
+            extra_context["rerun_form"] = {
+                "allowed": writable,
+                "role": None if writable else tenancy.role_in(request.user, step.run.tenant_id),
+                "text": json.dumps(step_input_for_editing(step), indent=2, sort_keys=True, default=str),
+                "retryable": step.status in services.RETRYABLE,
+            }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def rerun_view(self, request: HttpRequest, object_id: int) -> HttpResponseRedirect:
+        """POST target of the step page's "Rerun with edited input" form (``input``: JSON object)."""
+        from .admin_views import parse_edited_input, rerun_step_with_input
+
+        step = get_object_or_404(self.get_queryset(request).select_related("run"), pk=object_id)
+        back = HttpResponseRedirect(reverse("admin:runs_step_change", args=[step.pk]))
+        if not self.may_write(request, step):  # the role first: a viewer gets a message, not a 403 page
+            self.message_user(request, read_only_message(request, [step.run.tenant_id]), messages.ERROR)
+            return back
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        try:
+            edited = parse_edited_input(step, request.POST.get("input", ""))
+            run, message = rerun_step_with_input(step, edited, user=request.user.get_username())
+        except services.ServiceError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return back
+        self.message_user(request, message, messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:runs_run_change", args=[run.pk]))
+
     @admin.action(description="Requeue the selected dead steps (and what depends on them)", permissions=["change"])
     def requeue_dead(self, request: HttpRequest, queryset: QuerySet) -> None:
-        pks = list(queryset.filter(status=StepStatus.DEAD).values_list("pk", flat=True)[:1000])
+        pks = list(
+            self.writable_only(request, queryset).filter(status=StepStatus.DEAD).values_list("pk", flat=True)[:1000]
+        )
         count = services.requeue_dead(pks)
         if count:
             self.message_user(request, f"Requeued {count} dead step(s).", messages.SUCCESS)
@@ -581,8 +842,8 @@ class AttemptAdmin(EngineRowsAdmin):
         "outcome",
         "http_status",
         "duration_ms",
-        "started_at",
-        "error",
+        "started_display",
+        "error_short",
     ]
     list_filter = ["outcome", RunTenantFilter]
     search_fields = ["task_id"]
@@ -621,6 +882,14 @@ class AttemptAdmin(EngineRowsAdmin):
         return format_html(
             '<a href="{}">step #{}</a>', reverse("admin:runs_step_change", args=[attempt.step_id]), attempt.step_id
         )
+
+    @admin.display(description="started", ordering="started_at")
+    def started_display(self, attempt: Attempt) -> str:
+        return compact_time(attempt.started_at)
+
+    @admin.display(description="error")
+    def error_short(self, attempt: Attempt) -> str:
+        return short_text(attempt.error)
 
     @admin.display(description="run")
     def run_link(self, attempt: Attempt) -> str:

@@ -11,6 +11,8 @@ window of runs, lists are LIMITed on indexed orderings.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from datetime import timedelta
 from typing import Any
@@ -18,16 +20,22 @@ from typing import Any
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, QuerySet
+from django.db import transaction
+from django.db.models import Count, F, Q, QuerySet
+from django.db.models.functions import TruncHour
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from . import services, tenancy
-from .choices import RUN_ACTIVE, AttemptOutcome, RunStatus, StepStatus
+from templates_app.errors import WorkflowError
+from templates_app.expressions import ExpressionError, analyze
+
+from . import engine, services, tenancy
+from .admin import STATUS_COLORS, read_only_message
+from .choices import RUN_ACTIVE, AttemptOutcome, RunStatus, StepStatus, TraceKind, TriggerKind
 from .metrics import QUEUE_STATUSES
-from .models import Attempt, Run, Step
+from .models import Attempt, Run, Step, Trace
 
 log = logging.getLogger("orchestrator.admin")
 
@@ -51,6 +59,170 @@ def workers_online(timeout: float | None = None) -> dict[str, Any]:
 
 def _scoped(queryset: QuerySet, request: HttpRequest, field: str) -> QuerySet:
     return tenancy.scope_for_user(queryset, request.user, field)
+
+
+# --- charts -------------------------------------------------------------------------------------------
+
+#: Successful attempts (newest first) the duration percentiles are computed over: a bounded sample
+#: read backwards on ``attempt_outcome_started_idx``, so the chart costs the same at any table size.
+DURATION_SAMPLE = 20_000
+#: Percentiles of the step duration chart.
+PERCENTILES = (50, 90, 99)
+#: Attempt outcomes counted as a retry (the attempt failed; the step retried or died).
+RETRY_OUTCOMES = (AttemptOutcome.FAILED, AttemptOutcome.TIMED_OUT, AttemptOutcome.LOST)
+#: Outcomes of attempts that ended (the retry rate's denominator).
+FINISHED_OUTCOMES = (AttemptOutcome.SUCCEEDED, AttemptOutcome.REFUSED, *RETRY_OUTCOMES)
+
+
+def _hours(now: Any) -> list[Any]:
+    """The 24 hour buckets ending with the current one, oldest first (aware datetimes)."""
+    top = timezone.localtime(now).replace(minute=0, second=0, microsecond=0)  # TruncHour is local too
+    return [top - timedelta(hours=23 - i) for i in range(24)]
+
+
+def _bucket(moment: Any, hours: list[Any]) -> int | None:
+    """Index of ``moment``'s hour in ``hours`` (None when outside the window)."""
+    if moment is None:
+        return None
+    index = int((moment - hours[0]).total_seconds() // 3600)
+    return index if 0 <= index < len(hours) else None
+
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    """The ``p``-th percentile (0-100) of ascending ``sorted_values`` by the nearest-rank method
+    (the smallest value with at least p % of the values at or below it); None when empty."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * p // 100))  # ceil(n * p / 100)
+    return sorted_values[int(rank) - 1]
+
+
+def runs_finished_per_hour(runs: QuerySet, hours: list[Any]) -> dict[str, list[int]]:
+    """``{status: [count per hour]}`` of runs that finished in ``hours`` (24 buckets), terminal
+    statuses only. One grouped query on ``finished_at`` (see the README: ``run_finished_idx``)."""
+    series = {str(status): [0] * len(hours) for status in RunStatus.values if status not in RUN_ACTIVE}
+    rows = (
+        runs.filter(finished_at__gte=hours[0])
+        .annotate(hour=TruncHour("finished_at"))
+        .values("hour", "status")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for row in rows:
+        index = _bucket(row["hour"], hours)
+        if index is not None and row["status"] in series:
+            series[row["status"]][index] += row["n"]
+    return series
+
+
+def step_duration_percentiles(attempts: QuerySet, since: Any) -> dict[str, Any]:
+    """Duration percentiles (ms) of successful attempts since ``since``, per step type.
+
+    Returns ``{"types": [type], "series": {"p50": [ms], "p90": [...], "p99": [...]}, "counts":
+    [n], "sample": n, "capped": bool}`` over the newest :data:`DURATION_SAMPLE` successful
+    attempts (index ``attempt_outcome_started_idx`` read backwards, then the step's type by
+    primary key). Percentiles are computed here (nearest rank), so SQLite works too.
+    """
+    rows = list(
+        attempts.filter(outcome=AttemptOutcome.SUCCEEDED, started_at__gte=since, duration_ms__isnull=False)
+        .order_by("-started_at")
+        .values_list("step__type", "duration_ms")[:DURATION_SAMPLE]
+    )
+    by_type: dict[str, list[int]] = {}
+    for step_type, duration in rows:
+        by_type.setdefault(step_type, []).append(duration)
+    types = sorted(by_type)
+    series: dict[str, list[float | None]] = {f"p{p}": [] for p in PERCENTILES}
+    for step_type in types:
+        values = sorted(by_type[step_type])
+        for p in PERCENTILES:
+            series[f"p{p}"].append(percentile(values, p))
+    return {
+        "types": types,
+        "series": series,
+        "counts": [len(by_type[t]) for t in types],
+        "sample": len(rows),
+        "capped": len(rows) == DURATION_SAMPLE,
+    }
+
+
+def retry_and_dead_rates(attempts: QuerySet, steps: QuerySet, hours: list[Any]) -> dict[str, Any]:
+    """Per hour of ``hours``: failed attempts (retries) and steps that went dead, and over the
+    window the share of attempts that failed.
+
+    Returns ``{"retries": [n], "dead": [n], "attempts": int, "failed": int, "retry_rate": float
+    (0-1) | None}``. Counts per outcome read ``attempt_outcome_started_idx`` (one range per
+    outcome), dead steps ``step_dead_idx``.
+    """
+    retries = [0] * len(hours)
+    dead = [0] * len(hours)
+    total = 0
+    failed = 0
+    # Index ranges of (outcome, started_at), never the table: the many successes are counted
+    # alone (an index-only scan), the few other outcomes together, per outcome and hour.
+    total += attempts.filter(outcome=AttemptOutcome.SUCCEEDED, started_at__gte=hours[0]).count()
+    rows = (
+        attempts.filter(outcome__in=[o for o in FINISHED_OUTCOMES if o != AttemptOutcome.SUCCEEDED])
+        .filter(started_at__gte=hours[0])
+        .annotate(hour=TruncHour("started_at"))
+        .values("hour", "outcome")
+        .annotate(n=Count("started_at"))
+        .order_by()
+    )
+    for row in rows:
+        total += row["n"]
+        if row["outcome"] in RETRY_OUTCOMES:
+            failed += row["n"]
+            index = _bucket(row["hour"], hours)
+            if index is not None:
+                retries[index] += row["n"]
+    dead_rows = (
+        steps.filter(status=StepStatus.DEAD, finished_at__gte=hours[0])
+        .annotate(hour=TruncHour("finished_at"))
+        .values("hour")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for row in dead_rows:
+        index = _bucket(row["hour"], hours)
+        if index is not None:
+            dead[index] += row["n"]
+    return {
+        "retries": retries,
+        "dead": dead,
+        "attempts": total,
+        "failed": failed,
+        "retry_rate": (failed / total) if total else None,
+    }
+
+
+def token_usage_by_tenant(request: HttpRequest, since: Any) -> dict[str, Any] | None:
+    """Hook for the "tokens per tenant" chart: ``{"tenants": [slug], "prompt": [n], "completion":
+    [n]}`` since ``since``, or None while attempts do not record token usage (issue 6). The
+    dashboard draws the chart as soon as this returns data."""
+    return None
+
+
+def chart_data(request: HttpRequest, now: Any, step_counts: dict[str, int]) -> dict[str, Any]:
+    """The dashboard's charts as one JSON-able dict (read by ``runs/static/runs/dashboard.js``)."""
+    hours = _hours(now)
+    runs = _scoped(Run.objects.all(), request, "tenant_id")
+    attempts, steps = Attempt.objects.all(), Step.objects.all()
+    if tenancy.tenant_slugs(request.user) is not None:
+        # Staff see their tenants only. Attempts and steps carry no tenant: rather than join every
+        # row of the window to its run (a hash of all the tenant's runs), keep those of the runs
+        # that were alive in the window: active ones and those that finished since its start.
+        alive = runs.filter(Q(status__in=RUN_ACTIVE) | Q(finished_at__gte=hours[0])).values("pk")
+        attempts, steps = attempts.filter(run_id__in=alive), steps.filter(run_id__in=alive)
+    return {
+        "hours": [h.strftime("%H:00") for h in hours],
+        "runs_finished": runs_finished_per_hour(runs, hours),
+        "durations": step_duration_percentiles(attempts, hours[0]),
+        "queue": {"statuses": list(step_counts), "counts": list(step_counts.values())},
+        "rates": retry_and_dead_rates(attempts, steps, hours),
+        "tokens": token_usage_by_tenant(request, hours[0]),
+        "colors": STATUS_COLORS,
+    }
 
 
 def dashboard_context(request: HttpRequest) -> dict[str, Any]:
@@ -92,7 +264,12 @@ def dashboard_context(request: HttpRequest) -> dict[str, Any]:
         .only("id", "template_key", "tenant_id", "error", "created_at", "finished_at")
         .order_by("-created_at")[:10]
     )
+    writable = tenancy.writable_tenant_slugs(request.user)
+    for step in dead:
+        step.can_requeue = writable is None or step.tenant in writable
     return {
+        "can_requeue": any(step.can_requeue for step in dead),
+        "charts": chart_data(request, now, step_counts),
         "run_counts": run_counts,
         "run_active": sorted(RUN_ACTIVE),
         "step_counts": step_counts,
@@ -114,7 +291,15 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         if not request.user.has_perm("runs.change_step"):
             raise PermissionDenied
         pks = [int(pk) for pk in request.POST.getlist("step") if pk.isdigit()][:DEAD_LETTER_LIMIT]
-        allowed = list(_scoped(Step.objects.filter(pk__in=pks), request, "run__tenant_id").values_list("pk", flat=True))
+        chosen = _scoped(Step.objects.filter(pk__in=pks), request, "run__tenant_id")
+        writable = tenancy.writable_tenant_slugs(request.user)
+        if writable is not None:  # viewers read only, as in the API
+            read_only = chosen.exclude(run__tenant_id__in=sorted(writable))
+            foreign = sorted(set(read_only.values_list("run__tenant_id", flat=True)))
+            if foreign:
+                messages.error(request, read_only_message(request, foreign))
+            chosen = chosen.filter(run__tenant_id__in=sorted(writable))
+        allowed = list(chosen.values_list("pk", flat=True))
         count = services.requeue_dead(allowed)
         if count:
             messages.success(request, f"Requeued {count} dead step(s).")
@@ -127,3 +312,97 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         **dashboard_context(request),
     }
     return TemplateResponse(request, "admin/orchestrator/dashboard.html", context)
+
+
+# --- "rerun this step with edited input" -------------------------------------------------------------
+
+#: Largest edited input the step page accepts (bytes of JSON).
+EDITED_INPUT_MAX_BYTES = 64 * 1024
+
+
+def step_input_for_editing(step: Step) -> Any:
+    """What the rerun form starts from: the input the step's last attempt resolved, else its
+    declared ``params`` (expressions unresolved)."""
+    return step.input if step.input is not None else (step.spec or {}).get("params", {})
+
+
+def parse_edited_input(step: Step, text: str) -> dict[str, Any]:
+    """The edited input of ``step`` as a dict. Raises services.Invalid with a one-line message
+    naming the step and the field: not JSON, not an object, too big, or an expression that
+    refers to a step this one does not depend on."""
+    where = f"step {step.step_id!r}, field input"
+    if len(text.encode()) > EDITED_INPUT_MAX_BYTES:
+        raise services.Invalid(f"{where}: {len(text.encode())} bytes, at most {EDITED_INPUT_MAX_BYTES}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise services.Invalid(f"{where}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+    if not isinstance(value, dict):
+        raise services.Invalid(f"{where}: must be a JSON object ({{...}}), got {type(value).__name__}")
+    try:
+        refs = analyze(value)
+    except ExpressionError as exc:
+        raise services.Invalid(f"{where}: {exc}")
+    allowed = set((step.spec or {}).get("refs") or []) | set(step.depends_on or [])
+    unknown = sorted(set(refs.step_ids) - allowed)
+    if unknown:
+        raise services.Invalid(f"{where}: refers to step {unknown[0]!r}, which this step does not depend on")
+    return value
+
+
+def rerun_step_with_input(step: Step, edited: dict[str, Any], *, user: str) -> tuple[Run, str]:
+    """Run ``step`` again with ``edited`` as its input; returns ``(run to open, message)``.
+
+    - Input unchanged and the step failed, died or was cancelled: ``services.retry`` of that step in
+      its run (it and its downstream run again, nothing else).
+    - Input changed (or the step succeeded): a new run from the run's frozen spec in which this
+      step's ``params`` are ``edited`` (``services.rerun`` semantics: every step runs again, the new
+      run's ``rerun_of`` is the old one, trigger shown as "Rerun"). The engine has no verb to
+      retry one step of a run with other params; when it gets one (``services.retry(run,
+      step_ids=[id], params={id: edited})``), this becomes a retry in place.
+
+    Raises services.ServiceError (Invalid, Conflict) with a one-line message.
+    """
+    run = Run.objects.get(pk=step.run_id)
+    top = step if step.parent_id is None else Step.objects.get(pk=step.parent_id)
+    unchanged = edited == step_input_for_editing(step)
+    if unchanged and step.status in services.RETRYABLE:
+        services.retry(run, step_ids=[step.step_id], reason=f"retried by {user} from the step page")
+        return run, f"Retrying step {step.step_id} in this run (same input)."
+    if step.parent_id is not None:
+        raise services.Invalid(
+            f"step {step.step_id!r}, field input: a map item's input comes from its step's for_each; "
+            f"edit the input of step {top.step_id!r} instead"
+        )
+    spec = copy.deepcopy(run.spec)
+    for entry in spec.get("steps", []):
+        if entry.get("id") == top.step_id:
+            entry["params"] = edited
+            break
+    else:
+        raise services.Invalid(f"step {top.step_id!r}: not in the run's spec")
+    declared = spec.get("variables") or {}
+    inputs = {k: v for k, v in (run.inputs or {}).items() if k in declared and "expr" not in declared[k]}
+    try:
+        with transaction.atomic():
+            new = engine.start_run(
+                spec,
+                inputs,
+                template=run.template,
+                trigger=TriggerKind.RETRY,
+                tenant_id=run.tenant_id,
+                user_id=user[:200],
+                correlation_id=run.correlation_id,
+                priority=run.priority,
+            )
+            Run.objects.filter(pk=new.pk).update(rerun_of=run, metadata=run.metadata or {})
+            Trace.objects.create(
+                run=new,
+                kind=TraceKind.STATE,
+                message=f"rerun of run {run.pk} by {user[:100]} with the input of step {top.step_id} edited",
+            )
+    except WorkflowError as exc:
+        raise services.Invalid(str(exc))
+    log.info("step rerun with edited input", extra={"run_id": str(new.pk), "rerun_of": str(run.pk)})
+    verb = "edited" if not unchanged else "same"
+    return new, f"Started run {str(new.pk)[:8]}: a rerun with the {verb} input of step {top.step_id}."

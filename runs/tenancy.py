@@ -71,6 +71,23 @@ def tenant_slugs(user: Any) -> set[str] | None:
     return {m.tenant.slug for m in memberships(user)}
 
 
+def writable_tenant_slugs(user: Any) -> set[str] | None:
+    """Slugs of the tenants where ``user`` may change things (start, cancel, retry, rerun, requeue,
+    schedules, credentials): the tenants where their role is in ``WRITE_ROLES``, the rule the API
+    applies through :attr:`TenantContext.can_write`. None for a superuser (every tenant)."""
+    if getattr(user, "is_superuser", False):
+        return None
+    return {m.tenant.slug for m in memberships(user) if m.role in WRITE_ROLES}
+
+
+def role_in(user: Any, slug: str) -> str | None:
+    """``user``'s role in tenant ``slug`` (``"owner"``, ``"member"``, ``"viewer"``), or None when not a member."""
+    for m in memberships(user):
+        if m.tenant.slug == slug:
+            return m.role
+    return None
+
+
 def resolve(user: Any, requested: str | None) -> TenantContext:
     """The tenant a request of ``user`` acts in; ``requested`` is the ``X-Tenant`` header or None.
 

@@ -68,13 +68,13 @@ class ScheduleAdmin(TenantScopedAdmin):
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         form = super().get_form(request, obj, change=change, **kwargs)
-        slugs = tenancy.tenant_slugs(request.user)
+        slugs = tenancy.writable_tenant_slugs(request.user)  # owners and members, as in the API
 
         class ScopedForm(form):
             def clean_tenant_id(self) -> str:
                 slug = self.cleaned_data["tenant_id"]
                 if slugs is not None and slug not in slugs:
-                    raise forms.ValidationError("Not one of your tenants.")
+                    raise forms.ValidationError("Not a tenant where you are owner or member.")
                 return slug
 
         return ScopedForm
@@ -92,8 +92,9 @@ class ScheduleAdmin(TenantScopedAdmin):
         url = reverse("admin:runs_run_change", args=[schedule.last_run_id])
         return format_html('<a href="{}">{}</a>', url, schedule.last_run_id)
 
-    @admin.action(description="Enable the selected schedules")
+    @admin.action(description="Enable the selected schedules", permissions=["change"])
     def enable(self, request: HttpRequest, queryset: QuerySet) -> None:
+        queryset = self.writable_only(request, queryset)
         enabled = 0
         for schedule in queryset:
             try:
@@ -104,14 +105,16 @@ class ScheduleAdmin(TenantScopedAdmin):
                 enabled += 1
         self.message_user(request, f"{enabled} schedule(s) enabled", messages.SUCCESS)
 
-    @admin.action(description="Disable the selected schedules")
+    @admin.action(description="Disable the selected schedules", permissions=["change"])
     def disable(self, request: HttpRequest, queryset: QuerySet) -> None:
+        queryset = self.writable_only(request, queryset)
         for schedule in queryset:
             services.set_enabled(schedule, False)
         self.message_user(request, f"{queryset.count()} schedule(s) disabled", messages.SUCCESS)
 
-    @admin.action(description="Run the selected schedules now (outside their ticks)")
+    @admin.action(description="Run the selected schedules now (outside their ticks)", permissions=["change"])
     def run_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        queryset = self.writable_only(request, queryset)
         for schedule in queryset:
             try:
                 run = services.run_schedule_now(schedule)

@@ -81,6 +81,10 @@ class WorkflowTemplateAdmin(admin.ModelAdmin):
     search_fields = ["key", "name"]
     ordering = ["tenant_id", "key", "-version"]
     list_per_page = 100
+
+    class Media:
+        css = {"all": ["runs/ops.css"]}
+
     readonly_fields = [
         "key",
         "version",
@@ -108,6 +112,19 @@ class WorkflowTemplateAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # templates come from YAML: `manage.py load_templates` or POST /api/v1/templates
+
+    def has_change_permission(self, request: HttpRequest, obj: WorkflowTemplate | None = None) -> bool:
+        """``is_active`` is editable here: owners and members of the template's tenant only."""
+        if not super().has_change_permission(request, obj):
+            return False
+        writable = tenancy.writable_tenant_slugs(request.user)
+        return writable is None or (bool(writable) if obj is None else obj.tenant_id in writable)
+
+    def get_list_display(self, request: HttpRequest) -> list[str]:
+        columns = list(super().get_list_display(request))
+        if tenancy.writable_tenant_slugs(request.user) == set():  # a viewer everywhere: no "Run now"
+            columns.remove("run_now_link")
+        return columns
 
     @admin.display(description="run")
     def run_now_link(self, template: WorkflowTemplate) -> str:
@@ -145,6 +162,16 @@ class WorkflowTemplateAdmin(admin.ModelAdmin):
         template = get_object_or_404(self.get_queryset(request), pk=object_id)
         if not request.user.has_perm("runs.add_run") and not request.user.is_superuser:
             raise PermissionDenied
+        writable = tenancy.writable_tenant_slugs(request.user)
+        if writable is not None and template.tenant_id not in writable:  # viewers read only, as in the API
+            role = tenancy.role_in(request.user, template.tenant_id) or "none"
+            self.message_user(
+                request,
+                f"Refused: your role in tenant {template.tenant_id!r} is {role}: read only (as in the API). "
+                "No run was started.",
+                messages.ERROR,
+            )
+            return HttpResponseRedirect(reverse("admin:templates_app_workflowtemplate_change", args=[template.pk]))
         form = RunNowForm(template, request.POST or None)
         if request.method == "POST" and form.is_valid():
             try:
