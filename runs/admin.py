@@ -67,9 +67,9 @@ OUTCOME_COLORS = {
 #: How often the run page polls its live JSON while the run is active (ms).
 LIVE_POLL_MS = 2000
 
-#: How the admin names trigger kinds. ``retry`` is what ``services.rerun`` stores on the new run
-#: (a retry in place creates no run), so a run's trigger "retry" is a rerun.
-TRIGGER_LABELS = {"retry": "Rerun", "api": "API", "cli": "CLI"}
+#: How the admin names trigger kinds. ``retry`` is what ``services.rerun`` stored before the
+#: ``rerun`` kind existed (a retry in place creates no run), so an old run's "retry" is a rerun.
+TRIGGER_LABELS = {"retry": "Rerun", "rerun": "Rerun", "api": "API", "cli": "CLI"}
 
 
 def trigger_label(value: str) -> str:

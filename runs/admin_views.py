@@ -11,7 +11,6 @@ window of runs, lists are LIMITed on indexed orderings.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from datetime import timedelta
@@ -20,7 +19,6 @@ from typing import Any
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import TruncHour
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -28,14 +26,13 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from templates_app.errors import WorkflowError
 from templates_app.expressions import ExpressionError, analyze
 
-from . import engine, services, tenancy
+from . import services, tenancy
 from .admin import STATUS_COLORS, read_only_message
-from .choices import RUN_ACTIVE, AttemptOutcome, RunStatus, StepStatus, TraceKind, TriggerKind
+from .choices import RUN_ACTIVE, AttemptOutcome, RunStatus, StepStatus
 from .metrics import QUEUE_STATUSES
-from .models import Attempt, Run, Step, Trace
+from .models import Attempt, Run, Step
 
 log = logging.getLogger("orchestrator.admin")
 
@@ -351,58 +348,30 @@ def parse_edited_input(step: Step, text: str) -> dict[str, Any]:
 
 
 def rerun_step_with_input(step: Step, edited: dict[str, Any], *, user: str) -> tuple[Run, str]:
-    """Run ``step`` again with ``edited`` as its input; returns ``(run to open, message)``.
+    """Run ``step`` again in its run with ``edited`` as its input; returns ``(run, message)``.
 
-    - Input unchanged and the step failed, died or was cancelled: ``services.retry`` of that step in
-      its run (it and its downstream run again, nothing else).
-    - Input changed (or the step succeeded): a new run from the run's frozen spec in which this
-      step's ``params`` are ``edited`` (``services.rerun`` semantics: every step runs again, the new
-      run's ``rerun_of`` is the old one, trigger shown as "Rerun"). The engine has no verb to
-      retry one step of a run with other params; when it gets one (``services.retry(run,
-      step_ids=[id], params={id: edited})``), this becomes a retry in place.
+    A retry in place (``services.retry`` with ``params``): the step and everything downstream of
+    it run again, the rest of the run is kept (Airflow's "clear"). The step must be finished; a
+    map item's input comes from its step's ``for_each``, so only an unchanged item is retried.
 
     Raises services.ServiceError (Invalid, Conflict) with a one-line message.
     """
     run = Run.objects.get(pk=step.run_id)
-    top = step if step.parent_id is None else Step.objects.get(pk=step.parent_id)
     unchanged = edited == step_input_for_editing(step)
-    if unchanged and step.status in services.RETRYABLE:
-        services.retry(run, step_ids=[step.step_id], reason=f"retried by {user} from the step page")
-        return run, f"Retrying step {step.step_id} in this run (same input)."
     if step.parent_id is not None:
-        raise services.Invalid(
-            f"step {step.step_id!r}, field input: a map item's input comes from its step's for_each; "
-            f"edit the input of step {top.step_id!r} instead"
-        )
-    spec = copy.deepcopy(run.spec)
-    for entry in spec.get("steps", []):
-        if entry.get("id") == top.step_id:
-            entry["params"] = edited
-            break
-    else:
-        raise services.Invalid(f"step {top.step_id!r}: not in the run's spec")
-    declared = spec.get("variables") or {}
-    inputs = {k: v for k, v in (run.inputs or {}).items() if k in declared and "expr" not in declared[k]}
-    try:
-        with transaction.atomic():
-            new = engine.start_run(
-                spec,
-                inputs,
-                template=run.template,
-                trigger=TriggerKind.RETRY,
-                tenant_id=run.tenant_id,
-                user_id=user[:200],
-                correlation_id=run.correlation_id,
-                priority=run.priority,
+        if not unchanged:
+            top = Step.objects.get(pk=step.parent_id)
+            raise services.Invalid(
+                f"step {step.step_id!r}, field input: a map item's input comes from its step's for_each; "
+                f"edit the input of step {top.step_id!r} instead"
             )
-            Run.objects.filter(pk=new.pk).update(rerun_of=run, metadata=run.metadata or {})
-            Trace.objects.create(
-                run=new,
-                kind=TraceKind.STATE,
-                message=f"rerun of run {run.pk} by {user[:100]} with the input of step {top.step_id} edited",
-            )
-    except WorkflowError as exc:
-        raise services.Invalid(str(exc))
-    log.info("step rerun with edited input", extra={"run_id": str(new.pk), "rerun_of": str(run.pk)})
-    verb = "edited" if not unchanged else "same"
-    return new, f"Started run {str(new.pk)[:8]}: a rerun with the {verb} input of step {top.step_id}."
+        services.retry(run, step_ids=[step.step_id], reason=f"retried by {user[:100]} from the step page")
+        return run, f"Retrying step {step.step_id} in this run (same input)."
+    services.retry(
+        run,
+        step_ids=[step.step_id],
+        reason=f"retried by {user[:100]} from the step page" + ("" if unchanged else " with edited input"),
+        params=None if unchanged else {step.step_id: edited},
+    )
+    verb = "the same" if unchanged else "edited"
+    return run, f"Retrying step {step.step_id} in this run with {verb} input."

@@ -54,7 +54,8 @@ class TriggerKind(models.TextChoices):
     API = "api"
     CRON = "cron"
     EVENT = "event"
-    RETRY = "retry"  # a rerun of an earlier run (runs.services.rerun)
+    RETRY = "retry"  # a rerun of an earlier run made before 2026-11-30 (kept for old rows)
+    RERUN = "rerun"  # a rerun of an earlier run (runs.services.rerun)
 
 
 class TraceKind(models.TextChoices):

@@ -113,6 +113,8 @@ class Run(models.Model):
             models.Index(fields=["tenant_id", "-created_at"], name="run_tenant_created_idx"),
             # the admin change list of a superuser: all runs, newest first, no sort of the table
             models.Index(fields=["-created_at"], name="run_created_idx"),
+            # the dashboard's runs finished per hour (last 24 h)
+            models.Index(fields=["-finished_at"], condition=Q(finished_at__isnull=False), name="run_finished_idx"),
             # run lists filtered by status, newest first
             models.Index(fields=["status", "-created_at"], name="run_status_created_idx"),
             # run lists filtered by template

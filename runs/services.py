@@ -201,7 +201,7 @@ def rerun(run: Run, *, user_id: str = "") -> Run:
                 run.spec,
                 inputs,
                 template=run.template,
-                trigger=TriggerKind.RETRY,
+                trigger=TriggerKind.RERUN,
                 tenant_id=run.tenant_id,
                 user_id=(user_id or run.user_id)[:200],
                 correlation_id=run.correlation_id,
@@ -279,7 +279,13 @@ def revoke_tasks(task_ids: list[str]) -> None:
 # --- retrying -------------------------------------------------------------------------------------
 
 
-def retry(run: Run, *, step_ids: Iterable[str] | None = None, reason: str = "retried by user") -> RetryResult:
+def retry(
+    run: Run,
+    *,
+    step_ids: Iterable[str] | None = None,
+    reason: str = "retried by user",
+    params: dict[str, dict[str, Any]] | None = None,
+) -> RetryResult:
     """Run failed, dead and cancelled steps again, and everything downstream of them; keep the rest.
 
     Without ``step_ids`` every failed/dead/cancelled step of the run is retried; with them, only
@@ -287,6 +293,7 @@ def retry(run: Run, *, step_ids: Iterable[str] | None = None, reason: str = "ret
     failed retries only those items. Each retried step gets its full number of attempts again
     (``max_attempts`` is raised by the original limit, attempt numbers go on: Airflow's "clear").
     The run becomes ``running`` again (deadline renewed); ``engine.reset_for_retry`` does it.
+    ``params`` ({step id: params}): run those steps with edited input (any finished step).
 
     Works on a finished run and on a running one (e.g. requeueing a dead step while other branches
     still run). Raises Conflict when nothing can be retried, Invalid for an unknown or unfinished
@@ -294,7 +301,7 @@ def retry(run: Run, *, step_ids: Iterable[str] | None = None, reason: str = "ret
     """
     wanted = list(dict.fromkeys(step_ids)) if step_ids is not None else None
     try:
-        result = engine.reset_for_retry(run.pk, wanted, reason)
+        result = engine.reset_for_retry(run.pk, wanted, reason, params)
     except RetryRefused as exc:
         raise (Conflict if exc.conflict else Invalid)(str(exc)) from None
     log.info(

@@ -277,13 +277,14 @@ def test_rerun_a_step_with_edited_input(page, admin_user):
     page.fill("#rerun-form textarea", '{"output": {"greeting": "edited by hand"}}')
     shot(page, "rerun-form")
     page.click("#rerun-submit")
-    assert "a rerun with the edited input of step b" in page.inner_text("ul.messagelist")
-    rerun = Run.objects.get(rerun_of=run)
-    assert f"/admin/runs/run/{rerun.pk}/change/" in page.url
+    # a retry in place (Airflow's "clear"): step b runs again in the same run, step a is kept
+    assert "Retrying step b in this run with edited input" in page.inner_text("ul.messagelist")
+    assert f"/admin/runs/run/{run.pk}/change/" in page.url
     page.wait_for_selector("body[data-run-finished='1']", timeout=60_000)
-    assert page.inner_text(".fieldBox.field-trigger_display .readonly") == "Rerun"
-    assert wait_for_run(rerun.pk).status == "succeeded"
-    assert Step.objects.get(run=rerun, step_id="b").output == {"greeting": "edited by hand"}
+    assert wait_for_run(run.pk).status == "succeeded"
+    assert Step.objects.get(run=run, step_id="b").output == {"greeting": "edited by hand"}
+    assert Step.objects.get(run=run, step_id="a").attempts == 1  # not run again
+    assert Step.objects.get(run=run, step_id="b").attempts == 2
     page.click('.dag-node[data-step="b"]')
     assert "edited by hand" in page.inner_text(".field-output_display")
     shot(page, "rerun-with-edited-input")

@@ -95,8 +95,8 @@ def test_a_rerun_shows_trigger_rerun(root_client, chain_template):
     assert '<div class="readonly">Rerun</div>' in page
     listing = root_client.get("/admin/runs/run/").content.decode()
     assert '<td class="field-trigger_display">Rerun</td>' in listing
-    assert "?trigger__exact=retry" in listing  # the filter says Rerun and filters the stored value
-    assert len(root_client.get("/admin/runs/run/?trigger__exact=retry").context["cl"].result_list) == 1
+    assert "?trigger__exact=rerun" in listing  # the filter says Rerun and filters the stored value
+    assert len(root_client.get("/admin/runs/run/?trigger__exact=rerun").context["cl"].result_list) == 1
 
 
 def test_view_site_opens_the_dashboard(root_client):

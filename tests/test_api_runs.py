@@ -196,7 +196,7 @@ steps:
     assert second["id"] != first and second["rerun_of"] == first and second["inputs"] == {"who": "ada"}
     run = wait_for_run(second["id"])
     assert run.status == "succeeded" and run.outputs == {"hello": "hi ada"}
-    assert run.trigger == "retry"
+    assert run.trigger == "rerun"
     assert attempts_of(first) == {"hello": [1]}  # the original is untouched
 
 

@@ -206,7 +206,9 @@ def _base_attempts(step: Step) -> int:
     return max(1, int((step.spec.get("retry") or {}).get("max_attempts", 1)))
 
 
-def reset_for_retry(run_pk: Any, wanted: list[str] | None, reason: str) -> RetryResult:
+def reset_for_retry(
+    run_pk: Any, wanted: list[str] | None, reason: str, params: dict[str, dict[str, Any]] | None = None
+) -> RetryResult:
     """Run failed, dead and cancelled steps again, and everything downstream of them; keep the rest.
 
     ``wanted`` None: every failed/dead/cancelled step; else those step ids (top-level ids, or map
@@ -214,6 +216,10 @@ def reset_for_retry(run_pk: Any, wanted: list[str] | None, reason: str) -> Retry
     items. Each retried step gets its full number of attempts again (attempt numbers go on:
     Airflow's "clear"). The run becomes ``running`` again (deadline renewed). One transaction,
     the run locked first, then its steps by id.
+
+    ``params``: {top-level step id: new params} for steps to run with edited input (an operator's
+    "rerun this step with edited input"); such a step may also have succeeded or been skipped,
+    it must only be finished. Its expressions may read the steps it already reads or depends on.
 
     Raises RetryRefused.
     """
@@ -242,7 +248,10 @@ def reset_for_retry(run_pk: Any, wanted: list[str] | None, reason: str) -> Retry
             unknown = set(child_ids) - {c.step_id for c in children}
             if unknown:
                 raise RetryRefused(f"run has no step {sorted(unknown)[0]!r}")
+            edited = set(params or {})
             for step in [*seeds, *children]:
+                if step.step_id in edited and step.parent_id is None and step.status in STEP_TERMINAL:
+                    continue
                 if step.status not in RETRYABLE:
                     raise RetryRefused(
                         f"step {step.step_id!r} is {step.status}: only failed, dead or cancelled steps retry"
@@ -296,7 +305,11 @@ def reset_for_retry(run_pk: Any, wanted: list[str] | None, reason: str) -> Retry
         for step_id in sorted(full, key=lambda s: by_id[s].pk):
             step = by_id[step_id]
             pending = sum(1 for dep in step.depends_on if dep in resetting or by_id[dep].status not in STEP_TERMINAL)
-            state.reset_step(step, pending_deps=pending, base_attempts=_base_attempts(step))
+            spec = None
+            if params and step_id in params:
+                refs = sorted(set(step.spec.get("refs") or []) | set(step.depends_on))
+                spec = {**step.spec, "params": params[step_id], "refs": refs}
+            state.reset_step(step, pending_deps=pending, base_attempts=_base_attempts(step), spec=spec)
         requeue: list[int] = []
         for step_id, kids in partial.items():
             for child in kids:

@@ -441,10 +441,13 @@ def resend_queued(step_pks: list[int], at: datetime) -> list[int]:
 # --- retry: rows reset for another pass ------------------------------------------------------------
 
 
-def reset_step(step: Step, *, pending_deps: int, base_attempts: int) -> None:
+def reset_step(step: Step, *, pending_deps: int, base_attempts: int, spec: dict[str, Any] | None = None) -> None:
     """A step retried from scratch (Airflow's "clear"): ``pending`` again with its dependencies
-    still to finish, and ``base_attempts`` more attempts (numbers go on). Caller holds the run."""
+    still to finish, and ``base_attempts`` more attempts (numbers go on); ``spec`` replaces its
+    spec (edited params). Caller holds the run."""
+    extra = {"spec": spec} if spec is not None else {}
     Step.objects.filter(pk=step.pk).update(
+        **extra,
         status=StepStatus.PENDING,
         pending_deps=pending_deps,
         pending_children=None,
