@@ -374,3 +374,8 @@ WHITENOISE_USE_FINDERS = True
 Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one
 #: Seconds the admin dashboard waits for Celery workers to answer a ping.
 ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)
+
+# --- Hardening (issue 10): tenancy of /metrics, login throttling, expression and spec limits ------
+#: Add a `tenant` label (the tenant slug) to per-tenant series (credential_resolution_total).
+#: Off by default: /metrics then names no tenant at all.
+ORCHESTRATOR_METRICS_TENANT_LABEL = env_bool("ORCHESTRATOR_METRICS_TENANT_LABEL", False)

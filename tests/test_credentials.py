@@ -208,23 +208,40 @@ def test_bad_credential_param_is_refused_at_load():
         load_spec("key: c\nsteps:\n  - {id: a, type: http, params: {url: 'https://x.test', credential: 'a b'}}\n")
 
 
-def test_resolution_metric(db, recorder):
+def _resolutions(families, status, tenant=None):
+    family = families.get("credential_resolution")
+    for sample in family.samples if family else []:
+        labels = {k: v for k, v in sample.labels.items() if v != ""}
+        if sample.name == "credential_resolution_total" and labels == {
+            "status": status,
+            **({"tenant": tenant} if tenant else {}),
+        }:
+            return sample.value
+    return 0.0
+
+
+def test_resolution_metric(db, recorder, settings):
+    settings.ORCHESTRATOR_METRICS_TENANT_LABEL = False
+    make_credential(alias="tenant-private-alias")
+    before = parse_families(exposition()[0].decode())
+    run_http({"url": "https://api.vendor.test/", "credential": "tenant-private-alias"})
+    with pytest.raises(StepError):
+        run_http({"url": "https://api.vendor.test/", "credential": "ghost-alias-of-a-tenant"})
+    text = exposition()[0].decode()
+    after = parse_families(text)
+    assert _resolutions(after, "ok") - _resolutions(before, "ok") == 1
+    assert _resolutions(after, "not_found") - _resolutions(before, "not_found") == 1
+    # /metrics is the operator's: the names a tenant chose appear nowhere in it
+    assert "tenant-private-alias" not in text and "ghost-alias-of-a-tenant" not in text
+
+
+def test_resolution_metric_tenant_label_only_when_enabled(db, recorder, settings):
     make_credential()
+    settings.ORCHESTRATOR_METRICS_TENANT_LABEL = True
     before = parse_families(exposition()[0].decode())
     run_http({"url": "https://api.vendor.test/", "credential": "svc"})
-    with pytest.raises(StepError):
-        run_http({"url": "https://api.vendor.test/", "credential": "ghost"})
     after = parse_families(exposition()[0].decode())
-
-    def value(families, alias, status):
-        family = families.get("credential_resolution")
-        for sample in family.samples if family else []:
-            if sample.name == "credential_resolution_total" and sample.labels == {"alias": alias, "status": status}:
-                return sample.value
-        return 0.0
-
-    assert value(after, "svc", "ok") - value(before, "svc", "ok") == 1
-    assert value(after, "ghost", "not_found") - value(before, "ghost", "not_found") == 1
+    assert _resolutions(after, "ok", tenant="default") - _resolutions(before, "ok", tenant="default") == 1
 
 
 def test_resolved_secrets_are_known_to_the_redaction(db, recorder):
