@@ -379,3 +379,34 @@ ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)
 #: Add a `tenant` label (the tenant slug) to per-tenant series (credential_resolution_total).
 #: Off by default: /metrics then names no tenant at all.
 ORCHESTRATOR_METRICS_TENANT_LABEL = env_bool("ORCHESTRATOR_METRICS_TENANT_LABEL", False)
+#: Sign-in throttles (runs/api/throttling.py), DRF rate strings ("<n>/<sec|min|hour|day>"):
+#: attempts per client address, and wrong passwords per user name; past either, 429.
+ORCHESTRATOR_LOGIN_RATE = env_str("ORCHESTRATOR_LOGIN_RATE", "30/min")
+ORCHESTRATOR_LOGIN_FAILURE_RATE = env_str("ORCHESTRATOR_LOGIN_FAILURE_RATE", "10/hour")
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "login": ORCHESTRATOR_LOGIN_RATE,
+    "login_failures": ORCHESTRATOR_LOGIN_FAILURE_RATE,
+}
+#: Reverse proxies in front of the web processes whose X-Forwarded-For entry is trusted for the
+#: client address (DRF NUM_PROXIES). 0: REMOTE_ADDR only (the header can be forged by anyone).
+REST_FRAMEWORK["NUM_PROXIES"] = env_int("ORCHESTRATOR_NUM_PROXIES", 0)
+#: Django's cache, where the throttles keep their counts: it must be shared by every web process,
+#: so Redis (Django's built-in RedisCache) whenever there is one: ORCHESTRATOR_CACHE_URL, else the
+#: broker's URL when the broker is Redis; otherwise (embedded default, RabbitMQ without a cache
+#: URL) the per-process memory cache.
+ORCHESTRATOR_CACHE_URL = env_str(
+    "ORCHESTRATOR_CACHE_URL", CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else ""
+)
+if ORCHESTRATOR_CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": ORCHESTRATOR_CACHE_URL,
+            "KEY_PREFIX": "orchestrator-cache",
+            "TIMEOUT": 3600,
+        }
+    }
+elif ORCHESTRATOR_CACHE_URL:
+    raise ImproperlyConfigured(f"ORCHESTRATOR_CACHE_URL: expected a redis:// URL, got {ORCHESTRATOR_CACHE_URL!r}")
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "orchestrator"}}
