@@ -410,3 +410,10 @@ elif ORCHESTRATOR_CACHE_URL:
     raise ImproperlyConfigured(f"ORCHESTRATOR_CACHE_URL: expected a redis:// URL, got {ORCHESTRATOR_CACHE_URL!r}")
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "orchestrator"}}
+#: Expressions (templates_app/expressions.py), per evaluation (all the params of a step, or all
+#: the computed variables of a run): largest string or list one may build (characters or items),
+#: work units (one per filter/test/method call or lazily produced item, one per 64 elements a
+#: C-level scan walks), and wall-clock seconds (0 = no bound besides the step's own deadline).
+ORCHESTRATOR_EXPRESSION_MAX_LENGTH = env_int("ORCHESTRATOR_EXPRESSION_MAX_LENGTH", 1_000_000)
+ORCHESTRATOR_EXPRESSION_MAX_WORK = env_int("ORCHESTRATOR_EXPRESSION_MAX_WORK", 1_000_000)
+ORCHESTRATOR_EXPRESSION_MAX_SECONDS = env_float("ORCHESTRATOR_EXPRESSION_MAX_SECONDS", 2.0)
