@@ -417,3 +417,15 @@ else:
 ORCHESTRATOR_EXPRESSION_MAX_LENGTH = env_int("ORCHESTRATOR_EXPRESSION_MAX_LENGTH", 1_000_000)
 ORCHESTRATOR_EXPRESSION_MAX_WORK = env_int("ORCHESTRATOR_EXPRESSION_MAX_WORK", 1_000_000)
 ORCHESTRATOR_EXPRESSION_MAX_SECONDS = env_float("ORCHESTRATOR_EXPRESSION_MAX_SECONDS", 2.0)
+#: Caps on what a workflow file may ask for (templates_app/spec.py, checked at load): a step's
+#: timeout (seconds; keep it below ORCHESTRATOR_VISIBILITY_TIMEOUT minus the lease grace, or
+#: Redis hands a running step's message to a second worker), the workflow's own timeout
+#: (seconds), attempts per step, retry delays (seconds), steps declared in one file (parallel
+#: branches included), and items of one for_each (also enforced by the engine at expansion;
+#: the engine rewrite defines the same setting: keep one when merging).
+ORCHESTRATOR_MAX_STEP_TIMEOUT = env_float("ORCHESTRATOR_MAX_STEP_TIMEOUT", 7200.0)
+ORCHESTRATOR_MAX_RUN_TIMEOUT = env_float("ORCHESTRATOR_MAX_RUN_TIMEOUT", 7 * 86400.0)
+ORCHESTRATOR_MAX_ATTEMPTS = env_int("ORCHESTRATOR_MAX_ATTEMPTS", 100)
+ORCHESTRATOR_MAX_RETRY_DELAY = env_float("ORCHESTRATOR_MAX_RETRY_DELAY", 86400.0)
+ORCHESTRATOR_MAX_STEPS_PER_RUN = env_int("ORCHESTRATOR_MAX_STEPS_PER_RUN", 5000)
+ORCHESTRATOR_MAX_FOR_EACH_ITEMS = env_int("ORCHESTRATOR_MAX_FOR_EACH_ITEMS", 10_000)
