@@ -217,9 +217,10 @@ def limits(deadline: float | None = None, max_seconds: float | None = None) -> I
 
 def _current() -> _Budget:
     budget = _budget.get()
-    if budget is None:  # a filter or test called outside evaluate/render (a test of ours)
+    if budget is None:
+        # called outside evaluate/render (a compiled expression run by hand): a budget for this
+        # call alone, never left behind in the context where a later evaluation would reuse it
         budget = _new_budget()
-        _budget.set(budget)
     return budget
 
 

@@ -193,3 +193,10 @@ steps:
     )
     assert run.status == "failed"
     assert steps["slow"].status in ("dead", "failed") and WORK in steps["slow"].error
+
+
+def test_no_budget_is_left_behind_between_evaluations(settings):
+    settings.ORCHESTRATOR_EXPRESSION_MAX_WORK = 500
+    for _ in range(20):  # each call has its own budget: 20 x 100 units never add up
+        assert len(evaluate("${ range(100) | map('string') | list }", {})) == 100
+    assert expressions._budget.get() is None
