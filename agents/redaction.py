@@ -104,7 +104,7 @@ def encodings(secret: str) -> set[str]:
     """The forms of ``secret`` to mask (see the module docstring); all are at least 4 characters.
 
     Forms whose hex digits may come in either case (percent-encoding, hex) are returned as
-    written by Python; :func:`redact` matches their hex digits case-insensitively.
+    written by Python; :func:`redact` matches their hex digits in either case.
     """
     raw = secret.encode("utf-8", "surrogatepass")
     forms = {
@@ -123,30 +123,60 @@ def encodings(secret: str) -> set[str]:
     return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
 
 
-def _needle_regex(form: str) -> str:
-    """``form`` as a regex: escaped, with percent-escapes and hex matched in either case."""
-    if _PERCENT.search(form):
-        parts = _PERCENT.split(form)
-        escapes = _PERCENT.findall(form)
-        out = [re.escape(parts[0])]
-        for escape, part in zip(escapes, parts[1:], strict=True):
-            out.append(f"%(?i:{escape[1:]})")
-            out.append(re.escape(part))
-        return "".join(out)
-    if re.fullmatch(r"[0-9a-f]+", form) and len(form) % 2 == 0:
-        return f"(?i:{form})"
-    return re.escape(form)
+def _atoms(form: str) -> tuple[str, ...]:
+    """``form`` as regex atoms, one per character; hex digits of percent-escapes (and of a whole
+    hex form) match either case (``%2f`` and ``%2F``, mixed too)."""
+
+    def hexdigit(char: str) -> str:
+        return f"[{char.lower()}{char.upper()}]" if char.isalpha() else char
+
+    if re.fullmatch(r"[0-9a-fA-F]+", form) and len(form) % 2 == 0:
+        return tuple(hexdigit(char) for char in form)
+    atoms: list[str] = []
+    pos = 0
+    while pos < len(form):
+        if _PERCENT.match(form, pos):
+            atoms += ["%", hexdigit(form[pos + 1]), hexdigit(form[pos + 2])]
+            pos += 3
+        else:
+            atoms.append(re.escape(form[pos]))
+            pos += 1
+    return tuple(atoms)
+
+
+def _trie_regex(words: Iterable[tuple[str, ...]]) -> str:
+    """One regex matching any of ``words`` (sequences of regex atoms), longest first, factored by
+    common prefix.
+
+    A plain alternation of thousands of needles makes ``re`` try each at every position (seconds
+    per megabyte); a prefix tree branches on one character at a time.
+    """
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for atom in word:
+            node = node.setdefault(atom, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        ends = "" in node
+        branches = [atom + build(child) for atom, child in sorted(node.items()) if atom]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if ends:  # a needle ends here and a longer one goes on: the greedy ? tries the longer first
+            return f"(?:{body})?"
+        return body
+
+    return build(trie)
 
 
 @functools.lru_cache(maxsize=32)
 def _pattern(needles: tuple[str, ...]) -> re.Pattern[str]:
-    """One compiled alternation per set of secrets, every encoding of each, longest first
-    (traces are redacted on a hot path)."""
-    forms: set[str] = set()
-    for needle in needles:
-        forms |= encodings(needle)
-    ordered = sorted(forms, key=lambda form: (-len(form), form))
-    return re.compile("|".join(_needle_regex(form) for form in ordered))
+    """One compiled prefix-tree regex per set of secrets, every encoding of each, longest match
+    first (traces are redacted on a hot path)."""
+    words = {_atoms(form) for needle in needles for form in encodings(needle)}
+    return re.compile(_trie_regex(words) if words else "(?!)")
 
 
 def redact_text(text: str, secrets: Iterable[str] | None = None) -> str:

@@ -584,3 +584,12 @@ def test_http_client_log_lines_lose_query_strings_and_encoded_secrets(settings):
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", (forms["base64"],), None)
     RedactFilter().filter(record)
     assert record.getMessage() == "got ***"
+
+
+def test_redaction_masks_the_longest_secret_and_many_secrets_at_once():
+    from agents.redaction import redact
+
+    assert redact("x abcd-1234-efgh y abcd-12 z", ["abcd-12", "abcd-1234-efgh"]) == "x *** y *** z"
+    many = [f"secret-number-{i:04d}-value" for i in range(300)]
+    text = " ".join(many[::7]) + " plain words stay"
+    assert redact(text, many) == " ".join(["***"] * len(many[::7])) + " plain words stay"
