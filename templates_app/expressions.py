@@ -413,7 +413,8 @@ def _guard_filter(name: str, func: Any) -> Any:
                 raise LimitExceeded("format widths this large are not allowed")
             budget.check_size(_format_size(value, (*rest, *kwargs.values()), budget, braces=False), name)
         elif name in _SERIALIZING:
-            budget.check_size(_measure(value, budget.max_length) * (6 if name in ("e", "escape") else 1), name)
+            # the text may still grow by escaping (at most a few times): the result is checked too
+            budget.check_size(_measure(value, budget.max_length), name)
         elif name == "sum" and value is not None:
             start = rest[1] if len(rest) > 1 else kwargs.get("start", 0)
             if isinstance(start, (list, tuple, str)):  # concatenation: every partial sum is copied

@@ -1500,7 +1500,8 @@ def validate_inputs(spec: Mapping[str, Any], raw: Mapping[str, Any] | None) -> d
     as JSON. Other values are type-checked (a bool is not an integer). ``None`` counts as not
     given. An optional variable with no default is present with the value ``None``, so
     ``${name}`` resolves. Computed variables (seed 002's ``workflow.variables``, an ``expr``
-    key) are rendered last, from the others. Returns a new dict; ``raw`` is not modified.
+    key) are rendered last, from the others, under one expression budget (size, work and time:
+    ``templates_app.expressions.limits``). Returns a new dict; ``raw`` is not modified.
 
     Raises:
         WorkflowError: ``"variable 'x': required"``, an unknown name, a value of the wrong type,
@@ -1530,10 +1531,12 @@ def validate_inputs(spec: Mapping[str, Any], raw: Mapping[str, Any] | None) -> d
             raise WorkflowError(f"variable {name!r}: required")
         else:
             values[name] = None
-    for name, decl in declared.items():
-        if "expr" in decl:
-            try:
-                values[name] = expressions.render(decl["expr"], {"vars": values})
-            except ExpressionError as exc:
-                raise WorkflowError(f"variable {name!r}: {exc.problem}")
+    # one budget for all the computed variables of the run (this runs in the web process)
+    with expressions.limits():
+        for name, decl in declared.items():
+            if "expr" in decl:
+                try:
+                    values[name] = expressions.render(decl["expr"], {"vars": values})
+                except ExpressionError as exc:
+                    raise WorkflowError(f"variable {name!r}: {exc.problem}")
     return values

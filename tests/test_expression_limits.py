@@ -200,3 +200,12 @@ def test_no_budget_is_left_behind_between_evaluations(settings):
     for _ in range(20):  # each call has its own budget: 20 x 100 units never add up
         assert len(evaluate("${ range(100) | map('string') | list }", {})) == 100
     assert expressions._budget.get() is None
+
+
+def test_all_computed_variables_of_a_run_share_one_budget(settings):
+    settings.ORCHESTRATOR_EXPRESSION_MAX_WORK = 2000
+    names = [f"v{i}" for i in range(10)]
+    computed = "".join(f"    {n}: \"${{ range(200) | map('string') | list | length }}\"\n" for n in names)
+    spec = load_spec(f"id: many\nworkflow:\n  variables:\n{computed}  tasks:\n    - {{id: a, type: noop}}\n")
+    with pytest.raises(WorkflowError, match=WORK):
+        validate_inputs(spec, {})
