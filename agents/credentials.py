@@ -47,7 +47,11 @@ class CredentialError(Exception):
 
 
 def _counter():
-    """``credential_resolution_total{alias,status}``, created once per process.
+    """``credential_resolution_total{tenant,status}``, created once per process.
+
+    No alias label: aliases are a tenant's names and ``/metrics`` is the operator's. ``tenant``
+    is the tenant slug when ``ORCHESTRATOR_METRICS_TENANT_LABEL`` is on, else empty (Prometheus
+    treats an empty label as absent).
 
     Reuses a collector of that name when another module registered it first (prometheus_client
     refuses duplicates), so import order between modules never matters.
@@ -58,16 +62,20 @@ def _counter():
     if existing is not None:
         return existing
     return Counter(
-        "credential_resolution", "Credential lookups by http steps, by alias and status.", ["alias", "status"]
+        "credential_resolution",
+        "Credential lookups by http steps, by status (and tenant if enabled).",
+        ["tenant", "status"],
     )
 
 
 _RESOLUTIONS = _counter()
 
 
-def _count(alias: str, status: str) -> None:
+def _count(tenant_id: str, status: str) -> None:
+    from runs.metrics import tenant_label
+
     try:
-        _RESOLUTIONS.labels(alias=alias[:100], status=status).inc()
+        _RESOLUTIONS.labels(tenant=tenant_label(tenant_id), status=status).inc()
     except Exception:  # pragma: no cover - a metric must never fail a step
         log.debug("credential metric failed", exc_info=True)
 
@@ -208,16 +216,16 @@ def resolve(tenant_id: str, alias: str, url: str) -> ResolvedCredential:
 
     row = Credential.objects.filter(tenant_id=tenant_id, alias=alias).first()
     if row is None:
-        _count(alias, "not_found")
+        _count(tenant_id, "not_found")
         raise CredentialError(f"credential {alias!r} not found in tenant {tenant_id!r}")
     if not host_allowed(row.allowed_hosts, url):
-        _count(alias, "host_denied")
+        _count(tenant_id, "host_denied")
         host = urlsplit(url).hostname or "?"
         raise CredentialError(f"credential {alias!r} may not be sent to host {host!r} (see its allowed_hosts)")
     try:
         secret = decrypt(row.secret_encrypted)
     except CredentialError as exc:
-        _count(alias, "decrypt_error")
+        _count(tenant_id, "decrypt_error")
         raise CredentialError(f"credential {alias!r} {exc}") from None
     register_secret(secret)
     headers: dict[str, str] = {}
@@ -236,7 +244,7 @@ def resolve(tenant_id: str, alias: str, url: str) -> ResolvedCredential:
             query[name] = secret
         else:
             headers[name] = secret
-    _count(alias, "ok")
+    _count(tenant_id, "ok")
     return ResolvedCredential(alias=alias, kind=row.kind, headers=headers, query=query)
 
 

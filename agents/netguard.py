@@ -9,11 +9,13 @@ through it) and DNS answers (the name is resolved once, every address is checked
 connects to the checked address, so a second, different DNS answer cannot slip in: DNS
 rebinding).
 
-Refused destinations (after unwrapping IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002::/16`` and
-NAT64 ``64:ff9b::/96`` IPv6 addresses to the IPv4 address they carry): loopback, link-local
-(169.254.0.0/16, fe80::/10), private ranges (10/8, 172.16/12, 192.168/16, fc00::/7), shared
-address space (100.64/10), unspecified, multicast, reserved, and anything else Python's
-``ipaddress`` does not call global.
+Refused destinations: every range of IANA's special-purpose address registries (RFC 6890;
+"IANA IPv4 Special-Purpose Address Registry" and "IANA IPv6 Special-Purpose Address Registry"),
+listed in :data:`SPECIAL_PURPOSE` with the RFC of each, plus multicast, 240.0.0.0/4 and, for IPv6,
+anything outside global unicast ``2000::/3``. The table is explicit on purpose: Python's
+``ipaddress.is_global`` calls some special-purpose addresses global (3.11: ``192.0.0.192``), so it
+is not consulted. IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96`` and 6to4 ``2002::/16``
+addresses are judged by the IPv4 address they carry.
 
 ``ORCHESTRATOR_HTTP_ALLOW_HOSTS`` (comma-separated) lets chosen destinations through. An entry is
 a host name (``agents.internal``, ``localhost``), an IP address (``127.0.0.1``, ``::1``) or a
@@ -36,18 +38,112 @@ import httpcore
 import httpx
 
 __all__ = [
+    "SPECIAL_PURPOSE",
     "BlockedAddress",
     "GuardedTransport",
     "address_problem",
     "allow_list",
     "check_host",
+    "special_range",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_SHARED = ipaddress.ip_network("100.64.0.0/10")
+#: IPv6 global unicast (RFC 4291 section 2.4, IANA "IPv6 Address Space"): everything else is refused.
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+
+
+@dataclass(frozen=True)
+class SpecialRange:
+    """One row of :data:`SPECIAL_PURPOSE`: a network, what it is, and the RFC that assigns it.
+
+    ``carries_ipv4``: the address embeds an IPv4 address (mapped, NAT64, 6to4) and is judged by it.
+    """
+
+    network: IPNetwork
+    name: str
+    rfc: str
+    carries_ipv4: bool = False
+
+
+def _ranges(rows: tuple[tuple[str, str, str], ...], carriers: frozenset[str] = frozenset()) -> tuple[SpecialRange, ...]:
+    built = [SpecialRange(ipaddress.ip_network(cidr), name, rfc, cidr in carriers) for cidr, name, rfc in rows]
+    # most specific first, so 0.0.0.0/32 is "unspecified" rather than "this network"
+    return tuple(sorted(built, key=lambda r: -r.network.prefixlen))
+
+
+#: IANA IPv4 Special-Purpose Address Registry (as of 2025), plus multicast and class E. Every
+#: row is refused, including the few the registry marks globally reachable (anycast services):
+#: an http step has no business calling them.
+SPECIAL_PURPOSE_V4 = _ranges(
+    (
+        ("0.0.0.0/32", "unspecified", "RFC 1122 section 3.2.1.3"),
+        ("0.0.0.0/8", "this network", "RFC 791 section 3.2"),
+        ("10.0.0.0/8", "private", "RFC 1918"),
+        ("100.64.0.0/10", "shared address space", "RFC 6598"),
+        ("127.0.0.0/8", "loopback", "RFC 1122 section 3.2.1.3"),
+        ("169.254.0.0/16", "link-local", "RFC 3927"),
+        ("172.16.0.0/12", "private", "RFC 1918"),
+        ("192.0.0.0/24", "IETF protocol assignments", "RFC 6890 section 2.1"),
+        ("192.0.0.0/29", "IPv4 service continuity prefix", "RFC 7335"),
+        ("192.0.0.8/32", "IPv4 dummy address", "RFC 7600"),
+        ("192.0.0.9/32", "port control protocol anycast", "RFC 7723"),
+        ("192.0.0.10/32", "traversal using relays around NAT anycast", "RFC 8155"),
+        ("192.0.0.170/31", "NAT64/DNS64 discovery", "RFC 8880"),
+        ("192.0.2.0/24", "documentation (TEST-NET-1)", "RFC 5737"),
+        ("192.31.196.0/24", "AS112-v4", "RFC 7535"),
+        ("192.52.193.0/24", "AMT", "RFC 7450"),
+        ("192.88.99.0/24", "deprecated 6to4 relay anycast", "RFC 7526"),
+        ("192.168.0.0/16", "private", "RFC 1918"),
+        ("192.175.48.0/24", "direct delegation AS112 service", "RFC 7534"),
+        ("198.18.0.0/15", "benchmarking", "RFC 2544"),
+        ("198.51.100.0/24", "documentation (TEST-NET-2)", "RFC 5737"),
+        ("203.0.113.0/24", "documentation (TEST-NET-3)", "RFC 5737"),
+        ("224.0.0.0/4", "multicast", "RFC 5771"),
+        ("240.0.0.0/4", "reserved", "RFC 1112 section 4"),
+        ("255.255.255.255/32", "limited broadcast", "RFC 8190"),
+    )
+)
+
+#: IANA IPv6 Special-Purpose Address Registry (as of 2025), plus multicast and site-local;
+#: addresses outside 2000::/3 not listed here are refused as "not global unicast".
+SPECIAL_PURPOSE_V6 = _ranges(
+    (
+        ("::/128", "unspecified", "RFC 4291 section 2.5.2"),
+        ("::1/128", "loopback", "RFC 4291 section 2.5.3"),
+        ("::ffff:0:0/96", "IPv4-mapped", "RFC 4291 section 2.5.5.2"),
+        ("64:ff9b::/96", "IPv4/IPv6 translation", "RFC 6052"),
+        ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation", "RFC 8215"),
+        ("100::/64", "discard-only", "RFC 6666"),
+        ("100:0:0:1::/64", "dummy IPv6 prefix", "RFC 9780"),
+        ("2001::/23", "IETF protocol assignments", "RFC 2928"),
+        ("2001::/32", "Teredo", "RFC 4380"),
+        ("2001:1::1/128", "port control protocol anycast", "RFC 7723"),
+        ("2001:1::2/128", "traversal using relays around NAT anycast", "RFC 8155"),
+        ("2001:1::3/128", "DNS-SD service registration protocol anycast", "RFC 9665"),
+        ("2001:2::/48", "benchmarking", "RFC 5180"),
+        ("2001:3::/32", "AMT", "RFC 7450"),
+        ("2001:4:112::/48", "AS112-v6", "RFC 7535"),
+        ("2001:10::/28", "deprecated ORCHID", "RFC 4843"),
+        ("2001:20::/28", "ORCHIDv2", "RFC 7343"),
+        ("2001:30::/28", "drone remote ID protocol entity tags", "RFC 9374"),
+        ("2001:db8::/32", "documentation", "RFC 3849"),
+        ("2002::/16", "6to4", "RFC 3056"),
+        ("2620:4f:8000::/48", "direct delegation AS112 service", "RFC 7534"),
+        ("3fff::/20", "documentation", "RFC 9637"),
+        ("5f00::/16", "segment routing SIDs", "RFC 9602"),
+        ("fc00::/7", "private (unique local)", "RFC 4193"),
+        ("fe80::/10", "link-local", "RFC 4291 section 2.5.6"),
+        ("fec0::/10", "deprecated site-local", "RFC 3879"),
+        ("ff00::/8", "multicast", "RFC 4291 section 2.7"),
+    ),
+    carriers=frozenset({"::ffff:0:0/96", "64:ff9b::/96", "2002::/16"}),
+)
+
+#: Both tables (tests walk every row).
+SPECIAL_PURPOSE = SPECIAL_PURPOSE_V4 + SPECIAL_PURPOSE_V6
 
 #: Settings naming the endpoints the operator configured; their exact origins are allowed.
 CONFIGURED_URL_SETTINGS = (
@@ -176,25 +272,34 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+def special_range(address: IPAddress) -> SpecialRange | None:
+    """The most specific :data:`SPECIAL_PURPOSE` row holding ``address``, or None."""
+    table = SPECIAL_PURPOSE_V4 if isinstance(address, ipaddress.IPv4Address) else SPECIAL_PURPOSE_V6
+    for row in table:
+        if address in row.network:
+            return row
+    return None
+
+
 def address_problem(address: IPAddress) -> str | None:
-    """Why ``address`` is refused ("loopback", "link-local", "private"...), or None if it is public."""
+    """Why ``address`` is refused, or None if it may be connected to.
+
+    The reason is the special-purpose range's name and RFC (``"loopback (RFC 1122 section
+    3.2.1.3)"``, ``"IETF protocol assignments (RFC 6890 section 2.1)"``); an IPv6 address that
+    carries an IPv4 one (mapped, NAT64, 6to4, Teredo) gives the IPv4 address's reason first.
+    """
     inner = _embedded_ipv4(address)
     if inner is not None:
         problem = address_problem(inner)
-        return f"{problem} (IPv4 {inner} inside IPv6)" if problem else None
-    checks = (
-        ("unspecified", address.is_unspecified),
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("multicast", address.is_multicast),
-        ("shared address space", isinstance(address, ipaddress.IPv4Address) and address in _SHARED),
-        ("private", address.is_private),
-        ("reserved", address.is_reserved),
-        ("non-global", not address.is_global),
-    )
-    for reason, hit in checks:
-        if hit:
-            return reason
+        if problem:
+            return f"{problem} (IPv4 {inner} inside IPv6)"
+    row = special_range(address)
+    if row is not None:
+        if row.carries_ipv4 and inner is not None:
+            return None  # judged by the public IPv4 address it carries
+        return f"{row.name} ({row.rfc})"
+    if isinstance(address, ipaddress.IPv6Address) and address not in _GLOBAL_UNICAST_V6:
+        return "not global unicast (outside 2000::/3, RFC 4291 section 2.4)"
     return None
 
 

@@ -3,15 +3,25 @@
 Two tools: :func:`redact_headers` masks headers by name (``Authorization``, anything named like a
 token, key, secret, cookie or password), and :func:`redact` masks known secret values wherever
 they appear in nested data (a token echoed back in a response body, a key in a URL).
+
+A secret is searched in every encoding it commonly travels in (:func:`encodings`): as is,
+percent-encoded (``quote`` with and without ``/`` safe, ``quote_plus``, and twice-encoded, hex
+digits in either case), JSON- and HTML-escaped, base64 (standard and URL-safe alphabets, with or
+without padding, and at any of the three byte alignments inside a longer base64 text, the way
+secret scanners find a key inside ``base64("user:" + key)``) and hex (either case).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import html
+import json
 import re
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from django.conf import settings
 
@@ -48,10 +58,11 @@ def redact_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def redact(value: Any, secrets: Iterable[str]) -> Any:
-    """Return ``value`` with every occurrence of each secret replaced by ``"***"``.
+    """Return ``value`` with every occurrence of each secret, in any of its :func:`encodings`,
+    replaced by ``"***"``.
 
     Walks dicts (keys and values), lists and tuples (returned as lists); other scalars are
-    returned unchanged. Secrets shorter than 4 characters are ignored. Longer secrets are
+    returned unchanged. Secrets shorter than 4 characters are ignored. Longer forms are
     replaced first so a secret containing another is masked whole.
     """
     needles = sorted(
@@ -64,10 +75,114 @@ def redact(value: Any, secrets: Iterable[str]) -> Any:
     return _redact(value, _pattern(tuple(needles)))
 
 
+#: Secrets shorter than this are not searched for in base64 (a short needle cut from the middle of
+#: an encoding matches innocent base64 text too often).
+MIN_BASE64_SECRET_LENGTH = 8
+
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _base64_needles(raw: bytes) -> set[str]:
+    """The base64 text that encodes ``raw`` whatever its byte offset (0, 1, 2) in the encoded data.
+
+    At offset k the characters wholly made of the secret's bits run from ``ceil(8k/6)`` to
+    ``floor(8(k+n)/6)``; the characters mixing in neighbouring bytes (and any padding) are left
+    out, so the needle matches with or without padding and inside a longer encoding.
+    """
+    needles = set()
+    for offset in range(3):
+        data = b"\0" * offset + raw
+        start, end = -(-8 * offset // 6), 8 * len(data) // 6
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            needle = encode(data).decode()[start:end]
+            if len(needle) >= MIN_SECRET_LENGTH:
+                needles.add(needle)
+    return needles
+
+
+def encodings(secret: str) -> set[str]:
+    """The forms of ``secret`` to mask (see the module docstring); all are at least 4 characters.
+
+    Forms whose hex digits may come in either case (percent-encoding, hex) are returned as
+    written by Python; :func:`redact` matches their hex digits in either case.
+    """
+    raw = secret.encode("utf-8", "surrogatepass")
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        quote(quote(secret, safe=""), safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        html.escape(secret),
+        raw.hex(),
+    }
+    if len(secret) >= MIN_BASE64_SECRET_LENGTH:
+        forms |= _base64_needles(raw)
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
+def _atoms(form: str) -> tuple[str, ...]:
+    """``form`` as regex atoms, one per character; hex digits of percent-escapes (and of a whole
+    hex form) match either case (``%2f`` and ``%2F``, mixed too)."""
+
+    def hexdigit(char: str) -> str:
+        return f"[{char.lower()}{char.upper()}]" if char.isalpha() else char
+
+    if re.fullmatch(r"[0-9a-fA-F]+", form) and len(form) % 2 == 0:
+        return tuple(hexdigit(char) for char in form)
+    atoms: list[str] = []
+    pos = 0
+    while pos < len(form):
+        if _PERCENT.match(form, pos):
+            atoms += ["%", hexdigit(form[pos + 1]), hexdigit(form[pos + 2])]
+            pos += 3
+        else:
+            atoms.append(re.escape(form[pos]))
+            pos += 1
+    return tuple(atoms)
+
+
+def _trie_regex(words: Iterable[tuple[str, ...]]) -> str:
+    """One regex matching any of ``words`` (sequences of regex atoms), longest first, factored by
+    common prefix.
+
+    A plain alternation of thousands of needles makes ``re`` try each at every position (seconds
+    per megabyte); a prefix tree branches on one character at a time.
+    """
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for atom in word:
+            node = node.setdefault(atom, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        ends = "" in node
+        branches = [atom + build(child) for atom, child in sorted(node.items()) if atom]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if ends:  # a needle ends here and a longer one goes on: the greedy ? tries the longer first
+            return f"(?:{body})?"
+        return body
+
+    return build(trie)
+
+
 @functools.lru_cache(maxsize=32)
 def _pattern(needles: tuple[str, ...]) -> re.Pattern[str]:
-    """One compiled alternation per set of secrets (traces are redacted on a hot path)."""
-    return re.compile("|".join(re.escape(s) for s in needles))
+    """One compiled prefix-tree regex per set of secrets, every encoding of each, longest match
+    first (traces are redacted on a hot path)."""
+    words = {_atoms(form) for needle in needles for form in encodings(needle)}
+    return re.compile(_trie_regex(words) if words else "(?!)")
+
+
+def redact_text(text: str, secrets: Iterable[str] | None = None) -> str:
+    """``text`` with every encoding of each secret (default: :func:`known_secrets`) masked."""
+    result = redact(text, known_secrets() if secrets is None else secrets)
+    return result if isinstance(result, str) else text
 
 
 def _redact(value: Any, pattern: re.Pattern[str]) -> Any:

@@ -78,12 +78,30 @@ def _known_secrets() -> list[str]:
         return []
 
 
+#: URL query strings in the lines of HTTP client loggers (an api_key credential travels there).
+_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
+#: Loggers that write request URLs: their lines lose the query string (agents.redaction).
+URL_LOGGERS = ("httpx", "httpcore", "urllib3", "openai")
+
+
 def redact_text(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with known secrets and authorization values replaced by ``***``."""
-    for secret in sorted(secrets if secrets is not None else _known_secrets(), key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
+    """``text`` with known secrets (in every encoding: agents.redaction.encodings) and
+    authorization values replaced by ``***``."""
+    secrets = secrets if secrets is not None else _known_secrets()
+    try:
+        from agents.redaction import redact_text as _redact_secrets
+
+        text = _redact_secrets(text, secrets)
+    except Exception:  # apps not ready (early start-up): the raw forms at least
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= 4:
+                text = text.replace(secret, "***")
     return _AUTH_VALUE.sub(r"\1\2***", text)
+
+
+def strip_query_strings(text: str) -> str:
+    """``text`` with the query string of every URL in it replaced by ``?***``."""
+    return _URL_QUERY.sub(r"\1?***", text)
 
 
 class RedactFilter(logging.Filter):
@@ -95,6 +113,8 @@ class RedactFilter(logging.Filter):
         except Exception:  # a bad format string must not lose the line
             message = str(record.msg)
         secrets = _known_secrets()
+        if record.name.split(".", 1)[0] in URL_LOGGERS:
+            message = strip_query_strings(message)
         record.msg, record.args = redact_text(message, secrets), None
         if record.exc_info and not record.exc_text:
             record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
@@ -177,5 +197,8 @@ def build_logging_config(level: str = "INFO", fmt: str = "json") -> dict[str, An
         "loggers": {
             # request errors are logged by the API's exception handler with context; keep Django's too
             "django": {"level": level, "propagate": True},
+            # one INFO line per request with the full URL (query string and any key in it):
+            # warnings only (RedactFilter strips query strings from what still gets through)
+            **{name: {"level": "WARNING", "propagate": True} for name in URL_LOGGERS},
         },
     }

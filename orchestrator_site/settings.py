@@ -396,3 +396,58 @@ WHITENOISE_USE_FINDERS = True
 Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one
 #: Seconds the admin dashboard waits for Celery workers to answer a ping.
 ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)
+
+# --- Hardening (issue 10): tenancy of /metrics, login throttling, expression and spec limits ------
+#: Add a `tenant` label (the tenant slug) to per-tenant series (credential_resolution_total).
+#: Off by default: /metrics then names no tenant at all.
+ORCHESTRATOR_METRICS_TENANT_LABEL = env_bool("ORCHESTRATOR_METRICS_TENANT_LABEL", False)
+#: Sign-in throttles (runs/api/throttling.py), DRF rate strings ("<n>/<sec|min|hour|day>"):
+#: attempts per client address, and wrong passwords per user name; past either, 429.
+ORCHESTRATOR_LOGIN_RATE = env_str("ORCHESTRATOR_LOGIN_RATE", "30/min")
+ORCHESTRATOR_LOGIN_FAILURE_RATE = env_str("ORCHESTRATOR_LOGIN_FAILURE_RATE", "10/hour")
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "login": ORCHESTRATOR_LOGIN_RATE,
+    "login_failures": ORCHESTRATOR_LOGIN_FAILURE_RATE,
+}
+#: Reverse proxies in front of the web processes whose X-Forwarded-For entry is trusted for the
+#: client address (DRF NUM_PROXIES). 0: REMOTE_ADDR only (the header can be forged by anyone).
+REST_FRAMEWORK["NUM_PROXIES"] = env_int("ORCHESTRATOR_NUM_PROXIES", 0)
+#: Django's cache, where the throttles keep their counts: it must be shared by every web process,
+#: so Redis (Django's built-in RedisCache) whenever there is one: ORCHESTRATOR_CACHE_URL, else the
+#: broker's URL when the broker is Redis; otherwise (embedded default, RabbitMQ without a cache
+#: URL) the per-process memory cache.
+ORCHESTRATOR_CACHE_URL = env_str(
+    "ORCHESTRATOR_CACHE_URL", CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else ""
+)
+if ORCHESTRATOR_CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": ORCHESTRATOR_CACHE_URL,
+            "KEY_PREFIX": "orchestrator-cache",
+            "TIMEOUT": 3600,
+        }
+    }
+elif ORCHESTRATOR_CACHE_URL:
+    raise ImproperlyConfigured(f"ORCHESTRATOR_CACHE_URL: expected a redis:// URL, got {ORCHESTRATOR_CACHE_URL!r}")
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "orchestrator"}}
+#: Expressions (templates_app/expressions.py), per evaluation (all the params of a step, or all
+#: the computed variables of a run): largest string or list one may build (characters or items),
+#: work units (one per filter/test/method call or lazily produced item, one per 64 elements a
+#: C-level scan walks), and wall-clock seconds (0 = no bound besides the step's own deadline).
+ORCHESTRATOR_EXPRESSION_MAX_LENGTH = env_int("ORCHESTRATOR_EXPRESSION_MAX_LENGTH", 1_000_000)
+ORCHESTRATOR_EXPRESSION_MAX_WORK = env_int("ORCHESTRATOR_EXPRESSION_MAX_WORK", 1_000_000)
+ORCHESTRATOR_EXPRESSION_MAX_SECONDS = env_float("ORCHESTRATOR_EXPRESSION_MAX_SECONDS", 2.0)
+#: Caps on what a workflow file may ask for (templates_app/spec.py, checked at load): a step's
+#: timeout (seconds; keep it below ORCHESTRATOR_VISIBILITY_TIMEOUT minus the lease grace, or
+#: Redis hands a running step's message to a second worker), the workflow's own timeout
+#: (seconds), attempts per step, retry delays (seconds), steps declared in one file (parallel
+#: branches included), and items of one for_each (also enforced by the engine at expansion;
+#: the engine rewrite defines the same setting: keep one when merging).
+ORCHESTRATOR_MAX_STEP_TIMEOUT = env_float("ORCHESTRATOR_MAX_STEP_TIMEOUT", 7200.0)
+ORCHESTRATOR_MAX_RUN_TIMEOUT = env_float("ORCHESTRATOR_MAX_RUN_TIMEOUT", 7 * 86400.0)
+ORCHESTRATOR_MAX_ATTEMPTS = env_int("ORCHESTRATOR_MAX_ATTEMPTS", 100)
+ORCHESTRATOR_MAX_RETRY_DELAY = env_float("ORCHESTRATOR_MAX_RETRY_DELAY", 86400.0)
+ORCHESTRATOR_MAX_STEPS_PER_RUN = env_int("ORCHESTRATOR_MAX_STEPS_PER_RUN", 5000)
+ORCHESTRATOR_MAX_FOR_EACH_ITEMS = env_int("ORCHESTRATOR_MAX_FOR_EACH_ITEMS", 10_000)

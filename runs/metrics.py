@@ -30,6 +30,12 @@ Series (units in the name; every ``*_total`` is a counter):
 =========================================== ========== ===============================================
 
 The recording functions never raise: a metrics problem must not fail a step.
+
+Tenancy: ``/metrics`` is the operator's (``ORCHESTRATOR_METRICS_TOKEN`` guards it). No series
+carries what a tenant named (credential aliases, template keys, rate-limit keys); the only
+tenant-identifying label is ``tenant`` (the slug), and only when
+``ORCHESTRATOR_METRICS_TENANT_LABEL`` is on (off by default: one series per tenant grows with the
+tenants, and the slug names a customer). See :func:`tenant_label`.
 """
 
 from __future__ import annotations
@@ -94,6 +100,14 @@ for _status in sorted(RUN_TERMINAL):
     FLOW_RUNS_PROCESSED.labels(_status)
 for _result in ATTEMPT_RESULTS:
     TASKS_COMPLETED.labels(_result)
+
+
+def tenant_label(tenant_id: str | None) -> str:
+    """The value of a ``tenant`` label: the slug when ``ORCHESTRATOR_METRICS_TENANT_LABEL`` is on,
+    else ``""`` (Prometheus treats an empty label as absent, so the series is deployment-wide)."""
+    if not getattr(settings, "ORCHESTRATOR_METRICS_TENANT_LABEL", False):
+        return ""
+    return str(tenant_id or "")[:100]
 
 
 def steps_sent(count: int) -> None:

@@ -8,7 +8,10 @@ So the report is a run like any other (admin, API, retention), and:
 
     {"status": "ok" | "degraded",
      "checks": {"database": {"ok", "ms", "error"?}, "broker": {...},
-                "workers": {"ok", "count", "names"}, "stuck_runs": {"ok", "count", "run_ids"}}}
+                "workers": {"ok", "count", "names"?}, "stuck_runs": {"ok", "count", "run_ids"}}}
+
+  The report a step gets is its tenant's: only that tenant's stuck runs, no worker names (a
+  workflow of any tenant may call this callable; it must not learn about other tenants).
 
 - the metrics ``orchestrator_health_check_ok{check}`` (1/0),
   ``orchestrator_health_stuck_runs`` and ``orchestrator_health_last_report_timestamp_seconds``
@@ -91,58 +94,84 @@ def check_workers(timeout: float | None = None) -> dict[str, Any]:
     return {"ok": bool(names), "count": len(names), "names": names[:20]}
 
 
-def find_stuck_runs(now=None, limit: int = 1000) -> list[str]:
-    """Ids of runs with a step the sweeper should have moved long ago (see the module docstring)."""
+def find_stuck_runs(now=None, limit: int = 1000, tenant_id: str | None = None) -> list[str]:
+    """Ids of runs with a step the sweeper should have moved long ago (see the module docstring).
+
+    ``tenant_id``: only that tenant's runs; None: every tenant's (operators and metrics only,
+    never a step's output). At most ``limit`` ids, sorted.
+    """
     from runs.choices import RunStatus, StepStatus
     from runs.models import Run, Step
 
     now = now or timezone.now()
+    runs = Run.objects.all() if tenant_id is None else Run.objects.filter(tenant_id=tenant_id)
+    steps = Step.objects.all() if tenant_id is None else Step.objects.filter(run__tenant_id=tenant_id)
     after = timedelta(seconds=float(settings.ORCHESTRATOR_STUCK_AFTER))
     requeue = timedelta(seconds=float(settings.ORCHESTRATOR_REQUEUE_AFTER))
     ids: set[str] = set()
     for qs in (
-        Step.objects.filter(status=StepStatus.QUEUED, queued_at__lt=now - requeue - after),
-        Step.objects.filter(status=StepStatus.RUNNING, lease_expires_at__lt=now - after),
-        Step.objects.filter(status=StepStatus.RETRY_WAIT, next_attempt_at__lt=now - after),
+        steps.filter(status=StepStatus.QUEUED, queued_at__lt=now - requeue - after),
+        steps.filter(status=StepStatus.RUNNING, lease_expires_at__lt=now - after),
+        steps.filter(status=StepStatus.RETRY_WAIT, next_attempt_at__lt=now - after),
     ):
         ids.update(str(pk) for pk in qs.values_list("run_id", flat=True)[:limit])
-    late = Run.objects.filter(status__in=[RunStatus.PENDING, RunStatus.RUNNING], deadline__lt=now - after)
+    late = runs.filter(status__in=[RunStatus.PENDING, RunStatus.RUNNING], deadline__lt=now - after)
     ids.update(str(pk) for pk in late.values_list("pk", flat=True)[:limit])
     return sorted(ids)[:limit]
 
 
-def collect() -> dict[str, Any]:
-    """Run every check and return the report (shape in the module docstring). Never raises."""
+def collect(tenant_id: str | None = None) -> dict[str, Any]:
+    """Run every check and return the report (shape in the module docstring). Never raises.
+
+    ``tenant_id``: the stuck runs counted and listed are that tenant's only (what a step may
+    see); None: every tenant's (the operator's view).
+    """
     from orchestrator_site.health import check_broker, check_database
 
-    stuck = find_stuck_runs()
+    stuck = find_stuck_runs(tenant_id=tenant_id)
+    workers = check_workers()
+    if tenant_id is not None:
+        workers.pop("names", None)  # host names of the deployment are not a tenant's business
     checks = {
         "database": _timed(check_database),
         "broker": _timed(check_broker),
-        "workers": check_workers(),
+        "workers": workers,
         "stuck_runs": {"ok": not stuck, "count": len(stuck), "run_ids": stuck[:10]},
     }
     status = "ok" if all(c["ok"] for c in checks.values()) else "degraded"
     return {"status": status, "checked_at": timezone.now().isoformat(), "checks": checks}
 
 
-def record_metrics(report: dict[str, Any]) -> None:
-    """Set the orchestrator_health_* gauges from a report. Never raises."""
+def record_metrics(report: dict[str, Any], stuck_everywhere: int | None = None) -> None:
+    """Set the orchestrator_health_* gauges from a report. Never raises.
+
+    ``stuck_everywhere``: the deployment-wide count of stuck runs when the report is one
+    tenant's (the gauges are the operator's and cover every tenant).
+    """
     try:
+        stuck = report["checks"]["stuck_runs"]["count"] if stuck_everywhere is None else stuck_everywhere
         for name in CHECKS:
-            CHECK_OK.labels(check=name).set(1 if report["checks"].get(name, {}).get("ok") else 0)
-        STUCK_RUNS.set(report["checks"]["stuck_runs"]["count"])
+            ok = report["checks"].get(name, {}).get("ok") if name != "stuck_runs" else not stuck
+            CHECK_OK.labels(check=name).set(1 if ok else 0)
+        STUCK_RUNS.set(stuck)
         LAST_REPORT.set(time.time())
     except Exception:  # pragma: no cover - a metric must never fail the report
         log.debug("health metrics failed", exc_info=True)
 
 
 def check(ctx: Any = None) -> dict[str, Any]:
-    """The ``python`` step of ``system-health``: collect, trace, set metrics, fail when degraded."""
+    """The ``python`` step of ``system-health``: collect, trace, set metrics, fail when degraded.
+
+    A step sees only its own tenant (``ctx.tenant_id``): the stuck runs in its report are that
+    tenant's, worker names are left out. The orchestrator_health_* gauges still count every
+    tenant (they go to the operator's scrape, not to the step). ``ctx`` None: the operator's
+    full report.
+    """
     from agents.registry import StepError
 
-    report = collect()
-    record_metrics(report)
+    tenant_id = None if ctx is None else str(getattr(ctx, "tenant_id", "") or "")
+    report = collect(tenant_id)
+    record_metrics(report, None if tenant_id is None else len(find_stuck_runs()))
     failed = [name for name, result in report["checks"].items() if not result["ok"]]
     summary = f"health {report['status']}" + (f": {', '.join(failed)} failed" if failed else "")
     if ctx is not None:

@@ -41,6 +41,7 @@ __all__ = [
     "TRIGGER_TYPES",
     "VARIABLE_TYPES",
     "WorkflowError",
+    "check_for_each_items",
     "load_spec",
     "load_spec_file",
     "parse_duration",
@@ -115,6 +116,118 @@ MIN_INTERVAL = 1.0
 # Limits on the loaded document (alias bombs expand in the walk, not in the parser).
 MAX_NODES = 200_000
 MAX_DEPTH = 100
+
+# --- Caps on what a workflow file may ask for ---------------------------------------------------
+# Every size and time a workflow chooses has a cap. The ones an operator may want to move are
+# settings (read at load time; README "Limits"); the rest are constants here.
+#: Settings and their defaults: seconds, counts.
+LIMIT_DEFAULTS = {
+    "ORCHESTRATOR_MAX_STEP_TIMEOUT": 7200.0,  # seconds; keep below ORCHESTRATOR_VISIBILITY_TIMEOUT
+    "ORCHESTRATOR_MAX_RUN_TIMEOUT": 7 * 86400.0,  # seconds, the workflow's own timeout
+    "ORCHESTRATOR_MAX_ATTEMPTS": 100,
+    "ORCHESTRATOR_MAX_RETRY_DELAY": 86400.0,  # seconds, initial_delay and max_delay
+    "ORCHESTRATOR_MAX_STEPS_PER_RUN": 5000,  # steps a file declares, parallel branches included
+    "ORCHESTRATOR_MAX_FOR_EACH_ITEMS": 10_000,  # items one for_each may expand to
+}
+#: Flow control: largest concurrency limit, bucket capacity and refill rate (tokens/second), and
+#: smallest refill rate (one token a day: a step never waits longer than that for a token).
+MAX_CONCURRENCY_LIMIT = 100_000
+MAX_RATE_CAPACITY = 1_000_000
+MAX_REFILL_RATE = 1_000_000.0
+MIN_REFILL_RATE = 1 / 86400
+#: Most runs of one template at once (``max_active_runs``), longest schedule interval (seconds),
+#: most event types a trigger lists, largest ``max_tokens`` of an llm step.
+MAX_ACTIVE_RUNS = 100_000
+MAX_INTERVAL = 366 * 86400.0
+MAX_EVENT_TYPES = 100
+MAX_LLM_TOKENS = 1_000_000
+#: Params that are durations in seconds (``timeout_ms``: milliseconds), by step type: capped by
+#: ORCHESTRATOR_MAX_STEP_TIMEOUT when written as literals (the handlers cap them by the step's
+#: timeout at run time anyway).
+_DURATION_PARAMS = {
+    "sleep": ("seconds",),
+    "http": ("timeout", "timeout_ms"),
+    "exec": ("timeout",),
+    "llm": ("timeout",),
+}
+
+
+def cap_of(name: str) -> Any:
+    """The value of the cap setting ``name`` (one of :data:`LIMIT_DEFAULTS`), typed like its default."""
+    default = LIMIT_DEFAULTS[name]
+    return type(default)(_setting(name, default))
+
+
+def _number(value: float) -> str:
+    """``864000000`` rather than ``8.64e+08`` for whole numbers a user typed."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e18 else f"{value:g}"
+
+
+def check_for_each_items(step_id: str, items: Any) -> None:
+    """Refuse a for_each list longer than ``ORCHESTRATOR_MAX_FOR_EACH_ITEMS`` (default 10,000).
+
+    For the loader (a literal list, or an expression that needs no run data) and for the engine
+    when it expands a step at run time. ``items`` is the list (anything else is left to the
+    caller's own type check).
+
+    Raises:
+        WorkflowError: one line naming the step, the count and the setting.
+    """
+    cap = cap_of("ORCHESTRATOR_MAX_FOR_EACH_ITEMS")
+    if isinstance(items, (list, tuple)) and len(items) > cap:
+        raise WorkflowError(
+            f"for_each: {len(items)} items, more than {cap} (ORCHESTRATOR_MAX_FOR_EACH_ITEMS)", step=step_id
+        )
+
+
+_STEP_LIST_PATHS = (("steps",), ("workflow", "tasks"))
+
+
+def _early_step_count(text: str, cap: int) -> int:
+    """Items of the top-level step list (``steps``, or seed 002's ``workflow.tasks``), counted from
+    the YAML parser's events and stopping at ``cap + 1``: a file with far too many steps is
+    refused before it is built into objects, let alone validated. 0 when there is no such list.
+
+    Raises yaml.YAMLError for a syntax error met on the way (the full load reports it better).
+    """
+    stack: list[list[Any]] = []  # [kind, path, expect_key, current_key]
+    target: list[Any] | None = None
+    count = 0
+    for event in yaml.parse(text, Loader=_YAML_BASE):
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            ended = stack.pop()
+            if ended is target:
+                return count
+            continue
+        if not isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            continue
+        path: tuple[str, ...] = ()
+        if stack:
+            parent = stack[-1]
+            if parent is target:
+                count += 1
+                if count > cap:
+                    return count
+            if parent[0] == "map":
+                is_key = parent[2]
+                parent[2] = not is_key
+                if is_key:
+                    parent[3] = event.value if isinstance(event, yaml.ScalarEvent) else None
+                    if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                        stack.append(["map" if isinstance(event, yaml.MappingStartEvent) else "seq", None, True, None])
+                    continue
+                path = (*parent[1], str(parent[3])) if parent[1] is not None and len(parent[1]) < 2 else None
+            else:
+                path = None
+        if isinstance(event, yaml.MappingStartEvent):
+            stack.append(["map", path, True, None])
+        elif isinstance(event, yaml.SequenceStartEvent):
+            entry = ["seq", path, False, None]
+            stack.append(entry)
+            if target is None and path in _STEP_LIST_PATHS:
+                target = entry
+    return count
+
 
 _YAML_BASE: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -236,6 +349,13 @@ class _SpecLoader:
             raise self.fail(f"file too large (more than {limit} bytes)")
         if text.startswith("\ufeff"):
             text = text[1:]
+        cap = cap_of("ORCHESTRATOR_MAX_STEPS_PER_RUN")
+        try:
+            early = _early_step_count(text, cap)
+        except yaml.YAMLError:
+            early = 0  # the load below reports the syntax error with its line
+        if early > cap:
+            raise self.fail(f"too many steps: more than {cap} (ORCHESTRATOR_MAX_STEPS_PER_RUN)")
         try:
             doc = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
@@ -369,23 +489,36 @@ class _SpecLoader:
             "description": self._string(doc.get("description"), "description"),
             "category": self._string(doc.get("category"), "category"),
             "dialect": dialect,
-            "timeout": None if timeout is None else self._duration(timeout, "timeout"),
+            "timeout": None
+            if timeout is None
+            else self._capped(self._duration(timeout, "timeout"), "timeout", None, "ORCHESTRATOR_MAX_RUN_TIMEOUT"),
             "variables": variables,
             "trigger": self._trigger(doc.get("trigger")),
             "outputs": None,
             "steps": [],
         }
         if doc.get("max_active_runs") is not None:
-            spec["max_active_runs"] = self._positive_int(doc["max_active_runs"], "max_active_runs")
+            spec["max_active_runs"] = self._positive_int(doc["max_active_runs"], "max_active_runs", cap=MAX_ACTIVE_RUNS)
         defaults = self._defaults(doc.get("defaults"))
         spec["steps"] = self._steps(raw_steps, steps_field, defaults, variables)
         spec["outputs"] = self._outputs(doc.get("outputs"), variables, {step["id"] for step in spec["steps"]})
         self._trigger_variables(spec)
         return spec
 
-    def _positive_int(self, value: Any, field: str, step: str | None = None) -> int:
+    def _positive_int(self, value: Any, field: str, step: str | None = None, cap: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self.fail(f"{field}: must be an integer >= 1, got {_short(value)}", step)
+        if cap is not None and value > cap:
+            raise self.fail(f"{field}: {value} is more than the limit {cap}", step)
+        return value
+
+    def _capped(self, value: float, field: str, step: str | None, setting: str, unit: str = "s") -> float:
+        """``value`` unless it is over the cap setting ``setting`` (one line naming both)."""
+        cap = cap_of(setting)
+        if value > cap:
+            raise self.fail(
+                f"{field}: {_number(value)}{unit} is more than the limit {_number(cap)}{unit} ({setting})", step
+            )
         return value
 
     def _trigger_variables(self, spec: dict[str, Any]) -> None:
@@ -558,6 +691,12 @@ class _SpecLoader:
             raise self.fail("trigger: type cron_or_event needs 'cron' or 'event_types'")
         if kind == "interval" and interval is None:
             raise self.fail("trigger: type interval needs 'interval'")
+        if len(events) > MAX_EVENT_TYPES:
+            raise self.fail(f"trigger: 'event_types' lists {len(events)} types, more than {MAX_EVENT_TYPES}")
+        if interval is not None and interval > MAX_INTERVAL:
+            raise self.fail(
+                f"trigger: interval: must be at most {MAX_INTERVAL / 86400:g} days, got {_short(raw.get('interval'))}"
+            )
         if interval is not None and interval < MIN_INTERVAL:
             raise self.fail(f"trigger: interval: must be at least {MIN_INTERVAL:g}s, got {_short(raw.get('interval'))}")
         out = {"type": kind, "cron": cron, "event_types": list(events), "interval": interval}
@@ -663,8 +802,15 @@ class _SpecLoader:
                     out["refill_rate"] = parse_rate(value)
                 except ValueError as exc:
                     raise self.fail(f"{field}.{name}: {exc}", step)
+        rate = out["refill_rate"]
+        if rate is not None and not MIN_REFILL_RATE <= rate <= MAX_REFILL_RATE:
+            raise self.fail(
+                f"{field}: a rate of {rate:g} tokens per second is outside the limits "
+                f"(at least one token a day, at most {MAX_REFILL_RATE:g}/s)",
+                step,
+            )
         if raw.get("capacity") is not None:
-            out["capacity"] = self._positive_int(raw["capacity"], f"{field}.capacity", step)
+            out["capacity"] = self._positive_int(raw["capacity"], f"{field}.capacity", step, cap=MAX_RATE_CAPACITY)
             if out["refill_rate"] is None:
                 raise self.fail(f"{field}: capacity needs a rate (refill_rate or rate)", step)
         elif out["refill_rate"] is not None:
@@ -692,7 +838,7 @@ class _SpecLoader:
         if raw.get("key") is not None:
             out["key"] = self._flow_key(raw["key"], f"{field}.key", step)
         if raw.get("limit") is not None:
-            out["limit"] = self._positive_int(raw["limit"], f"{field}.limit", step)
+            out["limit"] = self._positive_int(raw["limit"], f"{field}.limit", step, cap=MAX_CONCURRENCY_LIMIT)
         if out["key"] is None and out["limit"] is None:
             raise self.fail(f"{field}: give a limit, or the key of a limit defined in the admin", step)
         return out
@@ -754,11 +900,18 @@ class _SpecLoader:
             value = raw["max_attempts"]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise self.fail(f"{field}.max_attempts: must be an integer >= 1, got {_short(value)}", step)
+            self._capped(value, f"{field}.max_attempts", step, "ORCHESTRATOR_MAX_ATTEMPTS", unit="")
             out["max_attempts"] = value
         if "max_retries" in raw:
             value = raw["max_retries"]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise self.fail(f"{field}.max_retries: must be an integer >= 0, got {_short(value)}", step)
+            if value + 1 > cap_of("ORCHESTRATOR_MAX_ATTEMPTS"):
+                raise self.fail(
+                    f"{field}.max_retries: {value} retries make more attempts than the limit "
+                    f"{cap_of('ORCHESTRATOR_MAX_ATTEMPTS')} (ORCHESTRATOR_MAX_ATTEMPTS)",
+                    step,
+                )
             out["max_attempts"] = value + 1
         if "backoff" in raw and "backoff_type" in raw:
             raise self.fail(f"{field}: give backoff or backoff_type, not both", step)
@@ -773,7 +926,12 @@ class _SpecLoader:
                 out["backoff"] = backoff
         for name in ("initial_delay", "max_delay"):
             if name in raw:
-                out[name] = self._duration(raw[name], f"{field}.{name}", step, positive=False)
+                out[name] = self._capped(
+                    self._duration(raw[name], f"{field}.{name}", step, positive=False),
+                    f"{field}.{name}",
+                    step,
+                    "ORCHESTRATOR_MAX_RETRY_DELAY",
+                )
         if "jitter" in raw:
             if not isinstance(raw["jitter"], bool):
                 raise self.fail(f"{field}.jitter: must be true or false", step)
@@ -793,9 +951,10 @@ class _SpecLoader:
             value = raw["timeout_ms"]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise self.fail(f"{prefix}timeout_ms: must be a number of milliseconds > 0, got {_short(value)}", step)
-            return float(value) / 1000.0
+            return self._capped(float(value) / 1000.0, f"{prefix}timeout_ms", step, "ORCHESTRATOR_MAX_STEP_TIMEOUT")
         if raw.get("timeout") is not None:
-            return self._duration(raw["timeout"], f"{prefix}timeout", step)
+            seconds = self._duration(raw["timeout"], f"{prefix}timeout", step)
+            return self._capped(seconds, f"{prefix}timeout", step, "ORCHESTRATOR_MAX_STEP_TIMEOUT")
         return None
 
     def _trigger_rule(self, value: Any, prefix: str, step: str | None) -> str:
@@ -847,6 +1006,14 @@ class _SpecLoader:
             raise self.fail(f"{field}: unknown step type {value!r} (known: {', '.join(known)})", step)
 
     def _validate_params(self, type_name: str, params: dict[str, Any], field: str, step: str) -> None:
+        for name in _DURATION_PARAMS.get(type_name, ()):
+            value = params.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                seconds = value / 1000.0 if name.endswith("_ms") else float(value)
+                self._capped(seconds, f"{field}.{name}", step, "ORCHESTRATOR_MAX_STEP_TIMEOUT")
+        tokens = params.get("max_tokens") if type_name == "llm" else None
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > MAX_LLM_TOKENS:
+            raise self.fail(f"{field}.max_tokens: {tokens} is more than the limit {MAX_LLM_TOKENS}", step)
         try:
             handler = _registry().get_handler(type_name)
         except KeyError:
@@ -891,6 +1058,10 @@ class _SpecLoader:
             raise self.fail(f"{field!r} must be a list of steps, got {_type_name(raw)}")
         if not raw:
             raise self.fail(f"no steps: {field!r} is empty")
+        cap = cap_of("ORCHESTRATOR_MAX_STEPS_PER_RUN")
+        if len(raw) > cap:
+            raise self.fail(f"too many steps: {len(raw)}, more than {cap} (ORCHESTRATOR_MAX_STEPS_PER_RUN)")
+        declared = 0
         steps: list[dict[str, Any]] = []
         by_id: dict[str, dict[str, Any]] = {}
         for index, item in enumerate(raw):
@@ -901,6 +1072,12 @@ class _SpecLoader:
                 raise self.fail(f"step id collides with variable {step['id']!r}", step["id"])
             by_id[step["id"]] = step
             steps.append(step)
+            declared += 1 + len(step["params"].get("tasks", [])) if step["type"] == "parallel" else 1
+            if declared > cap:
+                raise self.fail(
+                    f"too many steps: more than {cap} with the branches of parallel steps "
+                    "(ORCHESTRATOR_MAX_STEPS_PER_RUN)"
+                )
 
         for step in steps:
             for dep in step["depends_on"]:
@@ -973,6 +1150,7 @@ class _SpecLoader:
                 for_each = self._expression_field(for_each, "for_each", sid)
             elif not isinstance(for_each, list):
                 raise self.fail(f"for_each: must be an expression string or a list, got {_type_name(for_each)}", sid)
+            self._check_for_each_at_load(for_each, sid)
             if type_name in ENGINE_TYPES:
                 raise self.fail(f"for_each is not supported on {type_name} steps", sid)
         loop_name = raw.get("as")
@@ -1030,6 +1208,23 @@ class _SpecLoader:
             "refs": [],
             **flow,  # rate_limit / concurrency, present only when declared
         }
+
+    def _check_for_each_at_load(self, for_each: Any, sid: str) -> None:
+        """The item count of a for_each known before any run (a literal list, or an expression
+        such as ``${range(100000)}`` that uses no names) against ORCHESTRATOR_MAX_FOR_EACH_ITEMS."""
+        items = for_each
+        if isinstance(for_each, str):
+            refs = expressions.analyze(for_each, single=True)
+            if refs.step_ids or refs.var_names or (refs.bare_names - expressions.GLOBAL_NAMES):
+                return  # known at run time only: the engine checks it at expansion
+            try:
+                items = expressions.evaluate(for_each, {})
+            except ExpressionError as exc:
+                raise self.fail(f"for_each: {exc.problem}", sid)
+        try:
+            check_for_each_items(sid, items)
+        except WorkflowError as exc:
+            raise self.fail(exc.problem, sid)
 
     def _parallel_params(
         self, params: dict[str, Any], sid: str, retry: dict[str, Any], timeout: float
@@ -1305,7 +1500,8 @@ def validate_inputs(spec: Mapping[str, Any], raw: Mapping[str, Any] | None) -> d
     as JSON. Other values are type-checked (a bool is not an integer). ``None`` counts as not
     given. An optional variable with no default is present with the value ``None``, so
     ``${name}`` resolves. Computed variables (seed 002's ``workflow.variables``, an ``expr``
-    key) are rendered last, from the others. Returns a new dict; ``raw`` is not modified.
+    key) are rendered last, from the others, under one expression budget (size, work and time:
+    ``templates_app.expressions.limits``). Returns a new dict; ``raw`` is not modified.
 
     Raises:
         WorkflowError: ``"variable 'x': required"``, an unknown name, a value of the wrong type,
@@ -1335,10 +1531,12 @@ def validate_inputs(spec: Mapping[str, Any], raw: Mapping[str, Any] | None) -> d
             raise WorkflowError(f"variable {name!r}: required")
         else:
             values[name] = None
-    for name, decl in declared.items():
-        if "expr" in decl:
-            try:
-                values[name] = expressions.render(decl["expr"], {"vars": values})
-            except ExpressionError as exc:
-                raise WorkflowError(f"variable {name!r}: {exc.problem}")
+    # one budget for all the computed variables of the run (this runs in the web process)
+    with expressions.limits():
+        for name, decl in declared.items():
+            if "expr" in decl:
+                try:
+                    values[name] = expressions.render(decl["expr"], {"vars": values})
+                except ExpressionError as exc:
+                    raise WorkflowError(f"variable {name!r}: {exc.problem}")
     return values

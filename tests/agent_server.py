@@ -23,6 +23,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any
     at: float = field(default_factory=time.time)
+    query: str = ""
 
 
 class AgentServer:
@@ -47,7 +48,11 @@ class AgentServer:
                     body = raw.decode(errors="replace")
                 path = self.path.split("?", 1)[0]
                 with server.lock:
-                    server.requests.append(Recorded(self.command, path, dict(self.headers.items()), body))
+                    server.requests.append(
+                        Recorded(
+                            self.command, path, dict(self.headers.items()), body, query=self.path.partition("?")[2]
+                        )
+                    )
                     program = server.programs.get(path)
                     response = program.pop(0) if program else None
                 status, payload, headers = 200, {"ok": True, "path": path, "method": self.command}, {}

@@ -76,3 +76,24 @@ def test_serve_metrics_reads_every_process_files():
     text = generate_latest(ServeMetrics().registry()).decode()
     assert "orchestrator_tasks_scheduled_total" in text
     assert "task_queue_jobs" not in text  # database gauges are the web's
+
+
+def test_serve_metrics_requires_the_metrics_token_when_set(settings):
+    from wsgiref.util import setup_testing_defaults
+
+    app = ServeMetrics().wsgi_app(ServeMetrics().registry())
+
+    def scrape(authorization: str | None) -> str:
+        environ: dict = {"PATH_INFO": "/metrics"}
+        if authorization is not None:
+            environ["HTTP_AUTHORIZATION"] = authorization
+        setup_testing_defaults(environ)
+        statuses = []
+        b"".join(app(environ, lambda status, headers: statuses.append(status)))
+        return statuses[0]
+
+    settings.ORCHESTRATOR_METRICS_TOKEN = ""
+    assert scrape(None).startswith("200")
+    settings.ORCHESTRATOR_METRICS_TOKEN = "scrape-secret"
+    assert scrape(None).startswith("401") and scrape("Bearer wrong").startswith("401")
+    assert scrape("Bearer scrape-secret").startswith("200")

@@ -208,23 +208,40 @@ def test_bad_credential_param_is_refused_at_load():
         load_spec("key: c\nsteps:\n  - {id: a, type: http, params: {url: 'https://x.test', credential: 'a b'}}\n")
 
 
-def test_resolution_metric(db, recorder):
+def _resolutions(families, status, tenant=None):
+    family = families.get("credential_resolution")
+    for sample in family.samples if family else []:
+        labels = {k: v for k, v in sample.labels.items() if v != ""}
+        if sample.name == "credential_resolution_total" and labels == {
+            "status": status,
+            **({"tenant": tenant} if tenant else {}),
+        }:
+            return sample.value
+    return 0.0
+
+
+def test_resolution_metric(db, recorder, settings):
+    settings.ORCHESTRATOR_METRICS_TENANT_LABEL = False
+    make_credential(alias="tenant-private-alias")
+    before = parse_families(exposition()[0].decode())
+    run_http({"url": "https://api.vendor.test/", "credential": "tenant-private-alias"})
+    with pytest.raises(StepError):
+        run_http({"url": "https://api.vendor.test/", "credential": "ghost-alias-of-a-tenant"})
+    text = exposition()[0].decode()
+    after = parse_families(text)
+    assert _resolutions(after, "ok") - _resolutions(before, "ok") == 1
+    assert _resolutions(after, "not_found") - _resolutions(before, "not_found") == 1
+    # /metrics is the operator's: the names a tenant chose appear nowhere in it
+    assert "tenant-private-alias" not in text and "ghost-alias-of-a-tenant" not in text
+
+
+def test_resolution_metric_tenant_label_only_when_enabled(db, recorder, settings):
     make_credential()
+    settings.ORCHESTRATOR_METRICS_TENANT_LABEL = True
     before = parse_families(exposition()[0].decode())
     run_http({"url": "https://api.vendor.test/", "credential": "svc"})
-    with pytest.raises(StepError):
-        run_http({"url": "https://api.vendor.test/", "credential": "ghost"})
     after = parse_families(exposition()[0].decode())
-
-    def value(families, alias, status):
-        family = families.get("credential_resolution")
-        for sample in family.samples if family else []:
-            if sample.name == "credential_resolution_total" and sample.labels == {"alias": alias, "status": status}:
-                return sample.value
-        return 0.0
-
-    assert value(after, "svc", "ok") - value(before, "svc", "ok") == 1
-    assert value(after, "ghost", "not_found") - value(before, "ghost", "not_found") == 1
+    assert _resolutions(after, "ok", tenant="default") - _resolutions(before, "ok", tenant="default") == 1
 
 
 def test_resolved_secrets_are_known_to_the_redaction(db, recorder):
@@ -421,3 +438,158 @@ def test_canary_secret_appears_nowhere(canary_workers, transactional_db, agent_s
     assert "runs.execute_step" in logs and CANARY not in logs
     # nor in the stored credential
     assert CANARY not in raw_secret_column(Credential.objects.get(alias="svc").pk)
+
+
+# --- an api_key in the query string, every encoding of it, through a real worker ---------------------
+
+#: Characters that change under percent-encoding, so the raw form is not what the URL carries.
+QUERY_CANARY = "qc/SECRET+9e2a=77&k y"
+
+QUERY_FLOW = """\
+key: query-canary
+steps:
+  - id: call
+    call: /echo
+    credential: qkey
+    retry: {max_attempts: 2, initial_delay: 0.1, jitter: false}
+  - id: after
+    type: noop
+    depends_on: [call]
+    params: {output: "${steps.call.output}"}
+"""
+
+
+def every_encoding(secret: str) -> dict[str, str]:
+    """The forms a secret leaks in (what the redaction must mask)."""
+    from urllib.parse import quote, quote_plus
+
+    raw = secret.encode()
+    return {
+        "raw": secret,
+        "quote": quote(secret, safe=""),
+        "quote lower-case hex": quote(secret, safe="").replace("%2F", "%2f").replace("%2B", "%2b"),
+        "quote with /": quote(secret),
+        "quote_plus": quote_plus(secret),
+        "base64": base64.b64encode(raw).decode(),
+        "base64 unpadded": base64.b64encode(raw).decode().rstrip("="),
+        "urlsafe base64": base64.urlsafe_b64encode(raw).decode(),
+        "urlsafe base64 unpadded": base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        "hex": raw.hex(),
+        "HEX": raw.hex().upper(),
+    }
+
+
+def test_every_encoding_is_redacted():
+    from agents.redaction import redact
+
+    for name, form in every_encoding(QUERY_CANARY).items():
+        assert redact(f"before {form} after", [QUERY_CANARY]) == "before *** after", name
+    # inside a longer base64 text, at any alignment (a Basic header's "user:secret")
+    for prefix in (b"", b"u:", b"us:", b"use:"):
+        text = base64.b64encode(prefix + QUERY_CANARY.encode()).decode()
+        assert "***" in redact(text, [QUERY_CANARY]) and text not in redact(text, [QUERY_CANARY])
+
+
+def test_query_string_api_key_appears_nowhere_in_any_encoding(
+    canary_workers, transactional_db, agent_server, settings, client
+):
+    from django.contrib.auth import get_user_model
+
+    from runs.models import Membership, Tenant
+
+    settings.ORCHESTRATOR_FERNET_KEYS = [FERNET_KEY]
+    settings.ORCHESTRATOR_AGENTS_BASE_URL = agent_server.url
+    settings.ORCHESTRATOR_REQUEUE_AFTER = 5.0
+    agent_server.reset()
+    make_credential(alias="qkey", secret=QUERY_CANARY, kind="api_key", name="api_key", location="query")
+    forms = every_encoding(QUERY_CANARY)
+    # Given an agent that echoes the key back in every encoding, in an error and then in a success
+    agent_server.program(
+        "/echo",
+        [
+            (500, {"error": "refused " + " ".join(forms.values())}, {"X-Echo": forms["quote"]}),
+            (200, {"ok": True, "echo": forms, "list": list(forms.values())}, {"X-Echo": forms["base64"]}),
+        ],
+    )
+    with route_to(canary_workers.queue):
+        run = wait_for_run(start(QUERY_FLOW).pk, timeout=60, sweep=True)
+    assert run.status == "succeeded", run.error
+    # the key really went in the query string, percent-encoded
+    calls = agent_server.calls("/echo")
+    assert [c.query for c in calls] == ["api_key=" + forms["quote_plus"]] * 2
+
+    # When everything the platform shows about the run is collected ...
+    rows = {
+        "traces": list(Trace.objects.filter(run=run).values("message", "data")),
+        "steps": list(Step.objects.filter(run=run).values("input", "output", "error")),
+        "attempts": list(Attempt.objects.filter(run=run).values("error")),
+        "run": list(Run.objects.filter(pk=run.pk).values("outputs", "error", "inputs", "metadata")),
+    }
+    seen = {"rows": json.dumps(rows, default=str)}
+    tenant, _ = Tenant.objects.get_or_create(slug="default", defaults={"name": "Default"})
+    user = get_user_model().objects.create_user("qc-owner", password="pw", is_staff=True, is_superuser=True)
+    Membership.objects.create(user=user, tenant=tenant, role="owner", is_default=True)
+    api = api_client_for(user)
+    for path in ("", "/steps", "/attempts", "/traces"):
+        response = api.get(f"{API}/runs/{run.pk}{path}")
+        assert response.status_code == 200, (path, response.content[:200])
+        seen[f"api{path}"] = response.content.decode()
+    client.force_login(user)
+    step = Step.objects.get(run=run, step_id="call")
+    attempt = Attempt.objects.filter(run=run, step=step).first()
+    for url in (
+        f"/admin/runs/run/{run.pk}/change/",
+        f"/admin/runs/step/{step.pk}/change/",
+        f"/admin/runs/attempt/{attempt.pk}/change/",
+        f"/admin/runs/trace/?run__id__exact={run.pk}",
+        "/admin/runs/attempt/",
+    ):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        seen[url] = response.content.decode()
+    seen["worker logs"] = canary_workers.log_text()
+    # ... the key is in none of it, in no encoding
+    import html
+
+    for where, text in seen.items():
+        for name, form in forms.items():
+            assert form not in text and html.escape(form) not in text, f"{name} form of the key in {where}"
+    assert "***" in seen["rows"]  # masked where it was echoed back
+    assert "runs.execute_step" in seen["worker logs"]
+
+
+def test_http_client_log_lines_lose_query_strings_and_encoded_secrets(settings):
+    import logging
+
+    from orchestrator_site.logging import RedactFilter, build_logging_config
+
+    # the HTTP client loggers write one INFO line per request: warnings only
+    config = build_logging_config("DEBUG")
+    assert config["loggers"]["httpx"]["level"] == "WARNING" and config["loggers"]["httpcore"]["level"] == "WARNING"
+    # and what still gets through loses the URL's query string
+    forms = every_encoding(QUERY_CANARY)
+    record = logging.LogRecord(
+        "httpx",
+        logging.WARNING,
+        __file__,
+        1,
+        "HTTP Request: %s %s",
+        ("GET", f"https://v.test/a?api_key={forms['quote_plus']}"),
+        None,
+    )
+    RedactFilter().filter(record)
+    assert record.getMessage() == "HTTP Request: GET https://v.test/a?***"
+    # any other logger: every encoding of a known secret is masked
+    settings.ORCHESTRATOR_SERVICE_TOKEN = QUERY_CANARY
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", (forms["base64"],), None)
+    RedactFilter().filter(record)
+    assert record.getMessage() == "got ***"
+
+
+def test_redaction_masks_the_longest_secret_and_many_secrets_at_once():
+    from agents.redaction import redact
+
+    assert redact("x abcd-1234-efgh y abcd-12 z", ["abcd-12", "abcd-1234-efgh"]) == "x *** y *** z"
+    many = [f"secret-number-{i:04d}-value" for i in range(300)]
+    text = " ".join(many[::7]) + " plain words stay"
+    assert redact(text, many) == " ".join(["***"] * len(many[::7])) + " plain words stay"

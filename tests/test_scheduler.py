@@ -450,3 +450,40 @@ def test_real_beat_drives_a_schedule_and_the_sweeper(worker, worker_env, tmp_pat
     assert all(k.endswith("Z") for k in keys)
     assert lost.status == "succeeded"
     assert "Sending due task orchestrator:schedule:" in log_path.read_text()
+
+
+def test_health_callable_sees_only_its_own_tenant(db, settings):
+    settings.ORCHESTRATOR_EMBEDDED = True  # the workers check answers for itself: no worker needed here
+    # Given a stuck run in tenant acme ...
+    from agents.registry import StepContext
+    from scheduler import health
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "enqueue_steps", lambda *args, **kwargs: None)  # its message is lost
+        stuck = start("key: stuck\nsteps: [{id: a, type: noop}]\n", tenant_id="acme")
+    Step.objects.filter(run=stuck).update(queued_at=timezone.now() - timedelta(days=1))
+
+    def ctx(tenant):
+        return StepContext(
+            run_id="r",
+            step_id="check",
+            step_pk=1,
+            attempt=1,
+            params={},
+            timeout=10,
+            idempotency_key="r:check",
+            tenant_id=tenant,
+        )
+
+    # ... a workflow of tenant globex calling the health callable learns nothing about it
+    report = health.check(ctx("globex"))
+    assert report["checks"]["stuck_runs"] == {"ok": True, "count": 0, "run_ids": []}
+    assert "names" not in report["checks"]["workers"]
+    assert str(stuck.pk) not in json.dumps(report)
+    # ... while acme's own step and the operator (no step context) see it
+    from agents.registry import StepError
+
+    with pytest.raises(StepError) as info:
+        health.check(ctx("acme"))
+    assert info.value.output["checks"]["stuck_runs"]["run_ids"] == [str(stuck.pk)]
+    assert health.collect()["checks"]["stuck_runs"]["run_ids"] == [str(stuck.pk)]

@@ -69,7 +69,15 @@ def port_of(server: FakeServer) -> int:
         ("100.64.0.1", "shared address space"),
         ("0.0.0.0", "unspecified"),
         ("224.0.0.1", "multicast"),
-        ("240.0.0.1", "private"),  # ipaddress files 240/4 under is_private as well as reserved
+        ("240.0.0.1", "reserved"),
+        ("192.0.0.192", "IETF protocol assignments"),  # ipaddress (3.11) calls it global
+        ("192.0.0.9", "port control protocol anycast"),
+        ("198.18.0.1", "benchmarking"),
+        ("255.255.255.255", "limited broadcast"),
+        ("2001:db8::1", "documentation"),
+        ("3fff::1", "documentation"),
+        ("2001:2::1", "benchmarking"),
+        ("::7f00:1", "not global unicast"),  # deprecated IPv4-compatible form, outside 2000::/3
         ("::1", "loopback"),
         ("fe80::1", "link-local"),
         ("fc00::1", "private"),
@@ -85,9 +93,47 @@ def test_internal_addresses_are_refused(address, reason):
     assert problem is not None and problem.startswith(reason)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::"]
+)
 def test_public_addresses_pass(address):
     assert netguard.address_problem(ipaddress.ip_address(address)) is None
+
+
+def _samples(network):
+    """First, second, middle and last address of a network."""
+    size = network.num_addresses
+    return {network[0], network[min(1, size - 1)], network[size // 2], network[-1]}
+
+
+@pytest.mark.parametrize("row", netguard.SPECIAL_PURPOSE, ids=lambda row: f"{row.network} {row.rfc}")
+def test_every_special_purpose_range_is_refused(row):
+    # Given one row of the IANA special-purpose tables, every address sampled from it is refused
+    # with a reason naming a range and its RFC (carriers are judged by an embedded private IPv4)
+    for address in _samples(row.network):
+        if row.carries_ipv4:
+            inner = ipaddress.IPv4Address("10.1.2.3")
+            if row.network.prefixlen == 16:  # 6to4: the IPv4 address sits in bits 16..48
+                address = ipaddress.IPv6Address(int(row.network[0]) | int(inner) << 80)
+            else:
+                address = ipaddress.IPv6Address(int(row.network[0]) | int(inner))
+            assert netguard.address_problem(address).startswith("private"), address
+            continue
+        problem = netguard.address_problem(address)
+        assert problem is not None, f"{address} ({row.name}) passed the guard"
+        assert "RFC" in problem
+
+
+def test_special_purpose_table_does_not_rely_on_is_global():
+    # 192.0.0.192 is what Python 3.11's ipaddress calls global; the table still refuses it
+    address = ipaddress.ip_address("192.0.0.192")
+    assert netguard.special_range(address).rfc == "RFC 6890 section 2.1"
+
+
+def test_http_step_to_special_purpose_address_is_refused(no_allow):
+    error, _ = fail_http({"url": "http://192.0.0.192/"})
+    assert error.permanent is True
+    assert "refused to connect to 192.0.0.192" in error.message and "RFC 6890" in error.message
 
 
 @pytest.mark.parametrize(

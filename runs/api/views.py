@@ -19,7 +19,7 @@ from knox.views import LoginView as KnoxLoginView
 from rest_framework import mixins, status, viewsets
 from rest_framework.authentication import BasicAuthentication, SessionAuthentication
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import AuthenticationFailed, NotFound, ValidationError
 from rest_framework.generics import GenericAPIView, get_object_or_404
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -38,6 +38,7 @@ from .filters import AttemptFilter, RunFilter, StepFilter, TraceFilter
 from .pagination import IdPagination, NewestFirstPagination
 from .parsers import StrictJSONParser, TextYAMLParser, YAMLTextParser
 from .permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
+from .throttling import LoginFailureThrottle, LoginRateThrottle
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_PARAMETER = OpenApiParameter(
@@ -591,8 +592,29 @@ class LoginView(KnoxLoginView):
     """
 
     authentication_classes = [BasicAuthentication, SessionAuthentication]
+    #: runs/api/throttling.py: attempts per address, wrong passwords per user name (429 past them)
+    throttle_classes = [LoginRateThrottle, LoginFailureThrottle]
 
-    @extend_schema(summary="Create an API token (HTTP Basic auth)", request=None, responses={200: OpenApiTypes.OBJECT})
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # Throttles first: a wrong Basic password fails inside authentication, which DRF runs
+        # before its throttles, so in DRF's order a guesser would never be counted.
+        self.check_throttles(request)
+        request._login_throttled = True  # type: ignore[attr-defined]
+        try:
+            super().initial(request, *args, **kwargs)
+        except AuthenticationFailed:
+            LoginFailureThrottle().record_failure(request, self)
+            raise
+
+    def check_throttles(self, request: Request) -> None:
+        if not getattr(request, "_login_throttled", False):  # once per request, before authentication
+            super().check_throttles(request)
+
+    @extend_schema(
+        summary="Create an API token (HTTP Basic auth)",
+        request=None,
+        responses={200: OpenApiTypes.OBJECT, 429: OpenApiResponse(description="too many sign-in attempts")},
+    )
     def post(self, request: Request, format: Any = None) -> Response:
         return super().post(request, format=format)
 
