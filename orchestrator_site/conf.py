@@ -36,7 +36,6 @@ class Conf:
     worker_lost_after: float
     release_db_during_step: bool
     embedded_concurrency: int
-    max_for_each_items: int
     # flow control
     max_concurrent_runs: int
     concurrency_poll: float

@@ -199,8 +199,6 @@ ORCHESTRATOR_SWEEP_INTERVAL = env_float("ORCHESTRATOR_SWEEP_INTERVAL", 5.0)
 #: and seconds of silence after which the sweeper counts it as gone and re-sends its steps.
 ORCHESTRATOR_WORKER_HEARTBEAT = env_float("ORCHESTRATOR_WORKER_HEARTBEAT", 2.0)
 ORCHESTRATOR_WORKER_LOST_AFTER = env_float("ORCHESTRATOR_WORKER_LOST_AFTER", 10.0)
-#: Most items one for_each may expand to at run time (more fails the step with a clear error).
-ORCHESTRATOR_MAX_FOR_EACH_ITEMS = env_int("ORCHESTRATOR_MAX_FOR_EACH_ITEMS", 10_000)
 #: Retry delays up to this many seconds ride on a Celery countdown; longer ones wait for the sweeper.
 ORCHESTRATOR_COUNTDOWN_MAX = env_float("ORCHESTRATOR_COUNTDOWN_MAX", 60.0)
 #: Inline continuation (runs.engine.execute_step): a worker that finishes a step runs one of the

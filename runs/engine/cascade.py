@@ -16,7 +16,6 @@ from typing import Any
 
 from django.db import transaction
 
-from orchestrator_site.conf import conf
 from templates_app.errors import ExpressionError, WorkflowError
 
 from .. import metrics
@@ -150,6 +149,8 @@ class Cascade:
 
     def _expand(self, step: Step) -> Step | None:
         """Insert one child row per for_each item or parallel branch; the parent waits on them."""
+        from templates_app.spec import check_for_each_items
+
         spec = step.spec
         children_specs: list[tuple[dict[str, Any], Any]] = []
         if step.type in GROUP_TYPES:
@@ -163,11 +164,7 @@ class Cascade:
             items = render(spec["for_each"], self.context(spec.get("refs", []), step))
             if not isinstance(items, list):
                 raise ExpressionError(f"step '{step.step_id}': for_each must give a list, got {type(items).__name__}")
-            if len(items) > conf.max_for_each_items:
-                raise WorkflowError(
-                    f"step '{step.step_id}': for_each gave {len(items)} items, more than "
-                    f"ORCHESTRATOR_MAX_FOR_EACH_ITEMS ({conf.max_for_each_items})"
-                )
+            check_for_each_items(step.step_id, items)
             child = {k: v for k, v in spec.items() if k != "for_each"}
             children_specs = [(child, item) for item in items]
         if not children_specs:

@@ -102,7 +102,7 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
     deferred: StepDeferred | None = None
     resolved: Any = None
     try:
-        from templates_app.expressions import render
+        from templates_app.expressions import limits, render
 
         if claim.gate_error is not None:
             raise StepError(claim.gate_error, permanent=True)
@@ -110,7 +110,9 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
         if conf.release_db_during_step and not connection.in_atomic_block:
             # a thread-pool worker with many threads in slow calls holds no idle connections
             connection.close()
-        resolved = render(step.spec.get("params", {}), ctx_values)
+        # expressions run under the step's timeout and size limits (templates_app.expressions)
+        with limits(deadline=started + timeout):
+            resolved = render(step.spec.get("params", {}), ctx_values, field="params")
         handler = get_handler(step.type)
         ctx = StepContext(
             run_id=str(run.pk),
