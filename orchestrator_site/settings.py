@@ -267,6 +267,30 @@ ORCHESTRATOR_SERVICE_JWT_AUDIENCE = env_str("ORCHESTRATOR_SERVICE_JWT_AUDIENCE")
 ORCHESTRATOR_SERVICE_JWT_KID = env_str("ORCHESTRATOR_SERVICE_JWT_KID")
 
 
+# --- Isolation of exec and python steps, credential keys (issue 10: tenant escapes) ----------
+#: How exec steps are isolated: "bwrap" (bubblewrap namespaces, required), "process" (process
+#: limits and Landlock only: a command reads what the worker's user reads), "auto" (bwrap where it
+#: works; else the embedded default falls back to "process" with a warning logged once, and any
+#: other deployment refuses exec steps). README: Sandbox.
+ORCHESTRATOR_EXEC_SANDBOX = env_str("ORCHESTRATOR_EXEC_SANDBOX", "auto").lower()
+#: The bubblewrap program (name on PATH, or a path).
+ORCHESTRATOR_EXEC_BWRAP = env_str("ORCHESTRATOR_EXEC_BWRAP", "bwrap")
+#: The unprivileged user and group commands run as when the worker is root (65534: nobody).
+ORCHESTRATOR_EXEC_UID = env_int("ORCHESTRATOR_EXEC_UID", 65534)
+ORCHESTRATOR_EXEC_GID = env_int("ORCHESTRATOR_EXEC_GID", 65534)
+#: Size of a command's private /tmp (tmpfs), MiB.
+ORCHESTRATOR_EXEC_TMPFS_MB = env_int("ORCHESTRATOR_EXEC_TMPFS_MB", 256)
+#: Extra folders commands may read (read-only), comma-separated absolute paths; the worker's
+#: interpreter and its site-packages are always visible, the data directory never.
+ORCHESTRATOR_EXEC_RO_PATHS = env_list("ORCHESTRATOR_EXEC_RO_PATHS")
+#: Hosts exec steps may declare with `network: true` (`host`, `*.example.com`, `*` = any host the
+#: SSRF guard lets through). Empty (default): exec steps never get a network.
+ORCHESTRATOR_EXEC_NETWORK_HOSTS = env_list("ORCHESTRATOR_EXEC_NETWORK_HOSTS")
+#: Root of the per-run work directories of python steps (`<root>/<tenant>/<run id>`): builtin
+#: callables read and write files only in there.
+ORCHESTRATOR_RUN_WORK_ROOT = env_str("ORCHESTRATOR_RUN_WORK_ROOT", str(DATA_DIR / "work"))
+
+
 def _cron(expression: str, name: str):
     """A Celery crontab from a 5-field cron expression; ImproperlyConfigured naming ``name``."""
     from celery.schedules import crontab
