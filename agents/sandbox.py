@@ -544,13 +544,16 @@ def _mount_point(path: str, made: set[str], args: list[str]) -> None:
             args += ["--perms", "0755", "--dir", current]
 
 
-def bwrap_command(iso: Isolation, workdir: str, argv: list[str], network: bool) -> list[str]:
+def bwrap_command(
+    iso: Isolation, workdir: str, argv: list[str], network: bool, readable: list[str] | None = None
+) -> list[str]:
     """The bubblewrap command line that runs ``argv`` in ``workdir`` (see the module docstring).
 
     New PID, IPC, UTS, cgroup and (unless ``network``) network namespaces, plus a user namespace
     when the worker is not root; a fresh /proc; a minimal /dev; /tmp a private tmpfs of
     ``ORCHESTRATOR_EXEC_TMPFS_MB`` MiB; /usr, the system folders, the filtered /etc and the
-    interpreter read-only; ``workdir`` writable (same path as outside). The init
+    interpreter read-only, plus the ``readable`` folders (the run's work directory); ``workdir``
+    writable (same path as outside). The init
     (agents/sandbox_init.py) then drops to ``iso.uid``, applies Landlock and execs ``argv``.
     """
     import sys
@@ -580,7 +583,7 @@ def bwrap_command(iso: Isolation, workdir: str, argv: list[str], network: bool) 
             args += ["--ro-bind-try", path, path]
     args += ["--proc", "/proc", "--dev", "/dev"]
     args += ["--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
-    for path in read_only_paths():
+    for path in [*read_only_paths(), *(readable or [])]:
         _mount_point(path, made, args)
         args += ["--ro-bind", path, path]
     _mount_point(workdir, made, args)

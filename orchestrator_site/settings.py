@@ -197,6 +197,8 @@ ORCHESTRATOR_RELEASE_DB_DURING_STEP = env_bool("ORCHESTRATOR_RELEASE_DB_DURING_S
 #: Worker threads of the embedded worker.
 ORCHESTRATOR_EMBEDDED_CONCURRENCY = env_int("ORCHESTRATOR_EMBEDDED_CONCURRENCY", 4)
 #: Dotted paths that `python` steps may call: the allow-list (extend with a comma-separated env).
+#: Only callables that confine every path they are given to the run's work directory belong
+#: here (issue 10); test helpers (agents.testing.*) are added by the test settings only.
 ORCHESTRATOR_PYTHON_CALLABLES = [
     "templates_app.builtin_tasks.list_distributions",
     "templates_app.builtin_tasks.inspect_distributions",
@@ -204,9 +206,6 @@ ORCHESTRATOR_PYTHON_CALLABLES = [
     "templates_app.builtin_tasks.write_audit_report",
     "templates_app.builtin_tasks.list_subpackages",
     "templates_app.builtin_tasks.join_source_report",
-    "agents.testing.echo",
-    "agents.testing.fail",
-    "agents.testing.flaky",
     "scheduler.health.check",
     *env_list("ORCHESTRATOR_PYTHON_CALLABLES"),
 ]

@@ -16,3 +16,8 @@ from .settings import *  # noqa: E402,F403
 
 # Sessions running side by side (e.g. two checkouts) can each take their own test database.
 DATABASES["default"]["TEST"] = {"NAME": os.environ.get("ORCHESTRATOR_TEST_DB", "test_orchestrator")}  # noqa: F405
+
+# Test helpers for python steps (agents/testing.py): they write files where a workflow says, so
+# they are allowed in tests only, never in the default allow-list (issue 10).
+TEST_CALLABLES = ["agents.testing.echo", "agents.testing.fail", "agents.testing.flaky"]
+ORCHESTRATOR_PYTHON_CALLABLES = [*ORCHESTRATOR_PYTHON_CALLABLES, *TEST_CALLABLES]  # noqa: F405

@@ -14,7 +14,7 @@ from django.core.management import call_command
 
 from runs.models import Run, Step
 from templates_app.models import WorkflowTemplate
-from tests.conftest import ROOT, WORKFLOWS
+from tests.conftest import ROOT, TEST_CALLABLES, WORKFLOWS
 
 
 def run_command(*args: str) -> tuple[int, str, str]:
@@ -121,13 +121,15 @@ def test_load_templates_idempotent_and_versions(db, tmp_path):
     assert WorkflowTemplate.objects.filter(key="mine").count() == 2
 
 
-def test_builtin_package_audit(worker, tmp_path):
-    report = tmp_path / "audit.md"
-    code, out, err = run_command("run_workflow", "package-audit", "--var", f"report_path={report}", "--json")
+def test_builtin_package_audit(worker):
+    code, out, err = run_command("run_workflow", "package-audit", "--var", "report_path=reports/audit.md", "--json")
     assert code == 0, out + err
     data = json.loads(out)
     assert data["status"] == "succeeded"
     assert data["outputs"]["packages"] > 20
+    # written in the run's work directory, under the worker's ORCHESTRATOR_RUN_WORK_ROOT
+    report = Path(data["outputs"]["report_path"])
+    assert report.parts[-3:] == (data["run_id"], "reports", "audit.md")
     text = report.read_text()
     assert "Django" in text or "django" in text
     run = Run.objects.get(pk=data["run_id"])
@@ -153,6 +155,7 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
         if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "ORCHESTRATOR_QUEUE", "DJANGO_SETTINGS_MODULE")
     }
     env["ORCHESTRATOR_DATA_DIR"] = str(tmp_path / "data")
+    env["ORCHESTRATOR_PYTHON_CALLABLES"] = TEST_CALLABLES  # chain.yaml calls agents.testing.echo
     return env
 
 

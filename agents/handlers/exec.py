@@ -62,6 +62,7 @@ from typing import Any
 from django.conf import settings
 
 from .. import netguard, sandbox
+from .. import workdir as workdir_module
 from ..httpclient import duration_ms
 from ..registry import StepContext, StepError, StepHandler, StepTimeout, is_expression, register
 from ..sandbox_init import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, MARKER
@@ -198,7 +199,9 @@ class ExecHandler(StepHandler):
             try:
                 if iso.mode == "bwrap":
                     sandbox.prepare_workdir(iso, workdir)
-                    popen_argv = sandbox.bwrap_command(iso, workdir, argv, network=bool(network))
+                    run_dir = workdir_module.run_work_path(ctx.tenant_id, ctx.run_id)
+                    readable = [str(run_dir.resolve())] if run_dir.is_dir() else []
+                    popen_argv = sandbox.bwrap_command(iso, workdir, argv, network=bool(network), readable=readable)
                 else:
                     ruleset = sandbox.landlock_ruleset(workdir)
                     popen_argv = argv
