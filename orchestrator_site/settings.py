@@ -41,6 +41,24 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+
+
+def _embedded_fernet_keys() -> list[str]:
+    """The embedded default's credential keys: generated once into the data directory (0600)."""
+    import base64
+
+    path = DATA_DIR / "fernet_keys"
+    try:
+        return [k.strip() for k in path.read_text().split(",") if k.strip()]
+    except FileNotFoundError:
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key)
+        return [key]
+
+
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 
@@ -251,8 +269,13 @@ ORCHESTRATOR_PURGE_CRON = env_str("ORCHESTRATOR_PURGE_CRON", "30 3 * * *")
 ORCHESTRATOR_STUCK_AFTER = env_float("ORCHESTRATOR_STUCK_AFTER", 900.0)
 #: Fernet keys (urlsafe base64, 32 bytes each) encrypting credential secrets, comma-separated,
 #: the NEWEST FIRST: it encrypts, all of them decrypt (MultiFernet). Rotate with
-#: `manage.py rotate_keys`. Unset: one key derived from SECRET_KEY (system check agents.W001).
-ORCHESTRATOR_FERNET_KEYS = env_list("ORCHESTRATOR_FERNET_KEYS")
+#: `manage.py rotate_keys`. Never derived from SECRET_KEY (issue 10: an exec step that read the
+#: secret key could decrypt every tenant's credentials). Unset: the embedded default generates
+#: one key once into <data dir>/fernet_keys (0600); any other deployment must set it (system
+#: check agents.E003; credentials are refused until then).
+ORCHESTRATOR_FERNET_KEYS = env_list("ORCHESTRATOR_FERNET_KEYS") or (
+    _embedded_fernet_keys() if ORCHESTRATOR_EMBEDDED else []
+)
 #: Signed service JWT for agent calls (agents/service_auth.py), instead of the static service
 #: token when a key is set: HS256 shared secret, or a PEM private key for RS256/ES256.
 ORCHESTRATOR_SERVICE_JWT_KEY = env_str("ORCHESTRATOR_SERVICE_JWT_KEY")

@@ -11,6 +11,9 @@ os.environ.setdefault("ORCHESTRATOR_QUEUE", f"orchestrator-test-{os.getpid()}")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="orchestrator-metrics-"))
 # The tests' own HTTP servers listen on loopback, which the SSRF guard refuses by default.
 os.environ.setdefault("ORCHESTRATOR_HTTP_ALLOW_HOSTS", "127.0.0.1,localhost")
+# Credential keys are never derived from SECRET_KEY: the tests (and their workers) share this
+# test-only key (tests/flow_support.FERNET_KEY).
+os.environ.setdefault("ORCHESTRATOR_FERNET_KEYS", "peUzMMa49ouYSTHc-2pSNjsRwsGBomITwILqQw_4jec=")
 
 from .settings import *  # noqa: E402,F403
 
