@@ -1,4 +1,10 @@
-"""Containment for ``exec`` steps beyond rlimits: a process limit and a filesystem confinement.
+"""Containment for ``exec`` steps: namespaces (bubblewrap), a process limit, Landlock.
+
+Namespaces (the end of this module): :func:`isolation` decides once per process whether commands
+run in bubblewrap (``bwrap``: own PID/IPC/UTS/cgroup/network namespaces, fresh /proc, read-only
+system, filtered /etc, an unprivileged uid) or, only where that is allowed, with the process
+limits below alone; :func:`bwrap_command` builds the command line. Sources: bubblewrap(1),
+namespaces(7), user_namespaces(7), capabilities(7).
 
 Why more than ``setrlimit``: ``RLIMIT_NPROC`` does not apply to root (the kernel skips the check
 for CAP_SYS_RESOURCE / CAP_SYS_ADMIN), and nothing in a plain process stops a command from

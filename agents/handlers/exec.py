@@ -1,7 +1,11 @@
 """``exec`` steps: run a command in a sandboxed subprocess.
 
-The sandbox is what a plain POSIX process offers (no container runtime is used; an ``image``
-param is accepted for seed 002's files and recorded in the trace, nothing more):
+Isolation (``agents.sandbox.isolation``, README "Sandbox"): bubblewrap namespaces (own PID, IPC,
+UTS, cgroup and network namespaces, a fresh /proc, a read-only system and filtered /etc, the
+work directory writable, an unprivileged uid when the worker is root), or, where bubblewrap
+is missing, only in the embedded default, the process limits alone (a multi-tenant deployment
+refuses the step, permanently). No container runtime is used; an ``image`` param is accepted for
+seed 002's files and recorded in the trace, nothing more. On top of either:
 
 - no shell ever: ``command`` is an argument list (``python`` / ``python3`` as ``command[0]`` mean
   the worker's own interpreter, ``sys.executable``);
@@ -27,6 +31,9 @@ Params:
     files: list of ``{"name": relative path, "content": str or JSON value, "executable": bool}``.
     stdin: a string, or any JSON value (sent as JSON).
     timeout: seconds, capped by the step's timeout.
+    network: true to get the network (default: none); needs ``hosts``, each on
+        ``ORCHESTRATOR_EXEC_NETWORK_HOSTS`` and passing the SSRF guard (see :func:`_network`).
+    hosts: list of ``host`` / ``host:port`` the command will reach (at most ``MAX_HOSTS``).
 
 Output: ``{"exit_code": int, "stdout": parsed JSON when stdout is JSON else text,
 "stderr": last 4000 characters}`` (plus ``"truncated": true`` when stdout was cut).
