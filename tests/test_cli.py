@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,31 @@ def test_embedded_mode_needs_no_servers(tmp_path):
     )
     assert proc.returncode == 1
     assert "broken" in proc.stdout and "dead" in proc.stdout
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "fallback"])
+def test_embedded_builtin_exec_template_runs_with_and_without_bubblewrap(tmp_path, isolation):
+    """The builtin templates' exec steps work in the embedded default under bubblewrap, and with
+    nothing but pip (no bubblewrap: the process limits, one warning) (issue 10)."""
+    env = embedded_env(tmp_path)
+    env["ORCHESTRATOR_LOG_FORMAT"] = "text"
+    if isolation == "bwrap":
+        if shutil.which("bwrap") is None:
+            pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
+        env["ORCHESTRATOR_EXEC_SANDBOX"] = "bwrap"  # required: fails instead of falling back
+    else:
+        env["ORCHESTRATOR_EXEC_BWRAP"] = str(tmp_path / "no-bwrap-here")
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "run_workflow", "source-report", "--var", "source_dir=celery", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert data["status"] == "succeeded"
+    assert data["outputs"]["totals"]["files"] > 100
+    warnings = proc.stderr.count("exec steps run WITHOUT namespaces")
+    assert warnings == (1 if isolation == "fallback" else 0), proc.stderr[-2000:]
