@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -387,6 +388,7 @@ class Isolation:
 
 _isolation_cache: dict[tuple, Isolation | SandboxUnavailable] = {}
 _warned: set[str] = set()
+_isolation_lock = threading.Lock()
 
 
 def reset_isolation() -> None:
@@ -419,15 +421,16 @@ def isolation() -> Isolation:
     uid = int(_setting("ORCHESTRATOR_EXEC_UID", 65534))
     gid = int(_setting("ORCHESTRATOR_EXEC_GID", 65534))
     key = (wanted, program, embedded, uid, gid, os.geteuid())
-    cached = _isolation_cache.get(key)
-    if cached is None:
-        cached = _decide(wanted, program, embedded, uid, gid)
-        _isolation_cache[key] = cached
+    with _isolation_lock:  # the embedded worker's threads ask at once: one probe, one warning
+        cached = _isolation_cache.get(key)
+        if cached is None:
+            cached = _decide(wanted, program, embedded, uid, gid)
+            _isolation_cache[key] = cached
+        if isinstance(cached, Isolation) and cached.mode == "process" and cached.note not in _warned:
+            _warned.add(cached.note)
+            log.warning("%s", cached.note)
     if isinstance(cached, SandboxUnavailable):
         raise cached
-    if cached.mode == "process" and cached.note not in _warned:
-        _warned.add(cached.note)
-        log.warning("%s", cached.note)
     return cached
 
 
