@@ -20,6 +20,7 @@ from runs import tenancy
 from runs.admin import TenantFilter, TenantScopedAdmin
 from runs.engine.gate.ratelimit import current_tokens
 
+from . import credentials
 from .models import (
     ConcurrencyLimit,
     ConcurrencySlot,
@@ -57,6 +58,11 @@ class CredentialForm(forms.ModelForm):
             self.add_error("name", "A header credential needs the header's name.")
         if data.get("kind") == CredentialKind.BASIC and not data.get("username"):
             self.add_error("username", "A basic credential needs the user name.")
+        if data.get("secret"):
+            try:
+                credentials.configured_keys()
+            except credentials.CredentialError as exc:  # a deployment without keys stores nothing
+                self.add_error("secret", str(exc))
         hosts = data.get("allowed_hosts")
         if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
             self.add_error("allowed_hosts", 'A JSON list of host names, e.g. ["api.example.com", "*.example.org"].')

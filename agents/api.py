@@ -18,6 +18,7 @@ from rest_framework.routers import SimpleRouter
 from runs.api.parsers import StrictJSONParser
 from runs.api.permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
 
+from . import credentials
 from .models import Credential, CredentialKind
 
 
@@ -59,6 +60,11 @@ class CredentialSerializer(serializers.ModelSerializer):
         username = data.get("username", getattr(self.instance, "username", ""))
         if self.instance is None and not data.get("secret"):
             raise serializers.ValidationError({"secret": "required when creating a credential"})
+        if data.get("secret"):
+            try:
+                credentials.configured_keys()
+            except credentials.CredentialError as exc:  # a deployment without keys stores nothing
+                raise serializers.ValidationError({"secret": str(exc)}) from None
         if kind == CredentialKind.HEADER and not name:
             raise serializers.ValidationError({"name": "a header credential needs the header's name"})
         if kind == CredentialKind.BASIC and not username:

@@ -8,8 +8,15 @@ from django.core.checks import Error, Tags, Warning, register
 
 @register(Tags.security)
 def check_fernet_keys(app_configs=None, **kwargs) -> list:
-    """E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key. W001: none is configured."""
+    """Credential keys (issue 10: never derived from SECRET_KEY).
+
+    E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key. E003: none is configured outside
+    the embedded default (credentials cannot be stored or used). W003: a configured key is the
+    one older versions derived from SECRET_KEY (whoever learns the secret key learns it).
+    """
     from cryptography.fernet import Fernet
+
+    from .credentials import legacy_derived_key
 
     problems = []
     keys = getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []
@@ -24,12 +31,21 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list:
                     id="agents.E001",
                 )
             )
-    if not keys and not settings.DEBUG and not getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
+    if not keys:
+        problems.append(
+            Error(
+                "ORCHESTRATOR_FERNET_KEYS is not set: credentials can be neither stored nor used.",
+                hint="Set it to a key from `python manage.py rotate_keys --generate` (the same on every machine). "
+                "Secrets stored by older versions: README, Credentials, migrating the key.",
+                id="agents.E003",
+            )
+        )
+    elif legacy_derived_key(settings.SECRET_KEY).decode() in keys:
         problems.append(
             Warning(
-                "Credential secrets are encrypted with a key derived from SECRET_KEY.",
-                hint="Set ORCHESTRATOR_FERNET_KEYS (newest first) so SECRET_KEY can change without losing them.",
-                id="agents.W001",
+                "ORCHESTRATOR_FERNET_KEYS contains the key derived from SECRET_KEY.",
+                hint="Put a new key first, run `python manage.py rotate_keys`, then remove the derived one.",
+                id="agents.W003",
             )
         )
     return problems

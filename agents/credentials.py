@@ -5,8 +5,10 @@ HMAC-SHA256 tag and a timestamp) through ``MultiFernet`` so keys can be rotated:
 ``ORCHESTRATOR_FERNET_KEYS`` lists urlsafe-base64 32-byte keys, the NEWEST FIRST; the first
 encrypts, all decrypt. Rotation (``manage.py rotate_keys``): put a new key first, run the command
 (every secret is re-encrypted with it, ``MultiFernet.rotate``), then drop the old key. Without
-the setting one key is derived from ``SECRET_KEY`` with HKDF-SHA256 (RFC 5869) so a development
-machine works out of the box; system check ``agents.W001`` warns about it.
+the setting the embedded default generates one key into its data directory (``fernet_keys``,
+0600) and every other deployment refuses to store or read credentials (system check
+``agents.E003``). Keys are never derived from ``SECRET_KEY``: ``rotate_keys --from-secret-key``
+migrates secrets encrypted by versions that did.
 
 A resolved secret is registered with ``agents.redaction.register_secret`` before it is used, so
 everything this process writes afterwards (traces, errors, outputs, log lines) masks it.
@@ -33,7 +35,7 @@ from .redaction import register_secret
 
 log = logging.getLogger("orchestrator.credentials")
 
-#: HKDF ``info`` of the development key derived from SECRET_KEY (changing it orphans secrets).
+#: HKDF ``info`` of the key older versions derived from SECRET_KEY (only read by the migration).
 _DERIVED_KEY_INFO = b"orchestrator.credentials.fernet.v1"
 
 RESOLUTION_STATUSES = ("ok", "not_found", "host_denied", "decrypt_error")
@@ -83,16 +85,29 @@ def _count(tenant_id: str, status: str) -> None:
 # --- keys and encryption -------------------------------------------------------------------------
 
 
-def derived_key() -> bytes:
-    """The Fernet key derived from ``SECRET_KEY`` (HKDF-SHA256), used when no keys are configured."""
+def legacy_derived_key(secret_key: str) -> bytes:
+    """The key versions before issue 10 derived from ``SECRET_KEY`` (HKDF-SHA256, RFC 5869).
+
+    Only for migrating secrets encrypted with it (``rotate_keys --from-secret-key``); it never
+    encrypts or decrypts anything in normal operation, since a step that learns the secret key
+    must not learn the credential key with it.
+    """
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_DERIVED_KEY_INFO)
-    return base64.urlsafe_b64encode(hkdf.derive(settings.SECRET_KEY.encode()))
+    return base64.urlsafe_b64encode(hkdf.derive(secret_key.encode()))
 
 
 def configured_keys() -> list[bytes]:
-    """The keys in use, newest first: ``ORCHESTRATOR_FERNET_KEYS``, else the derived key."""
+    """The keys in use, newest first (``ORCHESTRATOR_FERNET_KEYS``).
+
+    Raises CredentialError (one line) when none is configured: production must set the setting
+    (system check agents.E003); the embedded default generates one into its data directory.
+    """
     keys = [k.encode() for k in (getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []) if k]
-    return keys or [derived_key()]
+    if not keys:
+        raise CredentialError(
+            "no credential encryption key: set ORCHESTRATOR_FERNET_KEYS (`manage.py rotate_keys --generate` prints one)"
+        )
+    return keys
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,17 +148,19 @@ def decrypt(token: str) -> str:
         raise CredentialError("cannot be decrypted with the keys in ORCHESTRATOR_FERNET_KEYS") from None
 
 
-def rotate_all(batch_size: int = 500) -> tuple[int, int]:
+def rotate_all(batch_size: int = 500, old_keys: list[bytes] | None = None) -> tuple[int, int]:
     """Re-encrypt every credential with the newest key. Returns ``(rotated, failed)``.
 
-    A secret none of the configured keys can open is left as it is and counted as failed
-    (the operator removed a key too early); the command reports the aliases.
+    ``old_keys`` may open secrets too without being configured (the migration from the key
+    derived from SECRET_KEY). A secret none of the keys can open is left as it is and counted
+    as failed (the operator removed a key too early); the command reports the aliases.
     """
     from django.db import transaction
 
     from .models import Credential
 
-    multi = fernet()
+    keys = configured_keys()
+    multi = _multi(tuple(keys + [k for k in (old_keys or []) if k not in keys]))
     rotated = failed = 0
     last_pk = 0
     while True:

@@ -124,6 +124,9 @@ class StepContext:
             it through :meth:`StepHandler.trace`, which redacts known secrets first.
         deadline: ``time.monotonic()`` value after which the attempt is out of time; defaults to
             now + ``timeout`` when not given.
+        work_dir: the run's work directory (absolute path), the only folder python-step
+            callables may read and write (``agents.workdir``); "" until the python handler
+            fills it in for a callable that takes ``ctx``.
     """
 
     run_id: str
@@ -137,6 +140,7 @@ class StepContext:
     correlation_id: str = ""
     trace: Callable[..., None] = field(default=_no_trace, repr=False)
     deadline: float | None = None
+    work_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.deadline is None:

@@ -1,4 +1,10 @@
-"""Containment for ``exec`` steps beyond rlimits: a process limit and a filesystem confinement.
+"""Containment for ``exec`` steps: namespaces (bubblewrap), a process limit, Landlock.
+
+Namespaces (the end of this module): :func:`isolation` decides once per process whether commands
+run in bubblewrap (``bwrap``: own PID/IPC/UTS/cgroup/network namespaces, fresh /proc, read-only
+system, filtered /etc, an unprivileged uid) or, only where that is allowed, with the process
+limits below alone; :func:`bwrap_command` builds the command line. Sources: bubblewrap(1),
+namespaces(7), user_namespaces(7), capabilities(7).
 
 Why more than ``setrlimit``: ``RLIMIT_NPROC`` does not apply to root (the kernel skips the check
 for CAP_SYS_RESOURCE / CAP_SYS_ADMIN), and nothing in a plain process stops a command from
@@ -37,132 +43,35 @@ pids.rst), cgroup v2 (Documentation/admin-guide/cgroup-v2.rst, "no internal proc
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+import shutil
 import signal
-import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import sandbox_init
+
 log = logging.getLogger(__name__)
 
-# --- Landlock ---------------------------------------------------------------------------------
+# --- Landlock (one implementation, in agents/sandbox_init.py) ---------------------------------
 
-_SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture (new-style syscalls)
-_SYS_LANDLOCK_ADD_RULE = 445
-_SYS_LANDLOCK_RESTRICT_SELF = 446
-_LANDLOCK_CREATE_RULESET_VERSION = 1
-_LANDLOCK_RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
-
-_FS_EXECUTE = 1 << 0
-_FS_WRITE_FILE = 1 << 1
-_FS_READ_FILE = 1 << 2
-_FS_READ_DIR = 1 << 3
-_FS_TRUNCATE = 1 << 14
-_FS_IOCTL_DEV = 1 << 15
-_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
-_SCOPE_SIGNAL = 1 << 1
-
-#: Devices a command may write (shell redirections to /dev/null are everywhere).
-WRITABLE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
-
-_libc: ctypes.CDLL | None = None
-_abi: int | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version (0 when Landlock is absent or disabled). Cached."""
-    global _abi
-    if _abi is None:
-        try:
-            version = _lib().syscall(
-                _SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), _LANDLOCK_CREATE_RULESET_VERSION
-            )
-        except (OSError, AttributeError):
-            version = -1
-        _abi = max(0, int(version))
-    return _abi
-
-
-def _fs_rights(abi: int) -> int:
-    """Every filesystem right the ABI knows (all of them are "handled": denied unless granted)."""
-    top = {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)
-    return (1 << top) - 1
-
-
-def _add_path_rule(ruleset_fd: int, path: str, access: int) -> None:
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        attr = ctypes.create_string_buffer(struct.pack("=Qi", access, fd), 12)
-        if _lib().syscall(_SYS_LANDLOCK_ADD_RULE, ruleset_fd, _LANDLOCK_RULE_PATH_BENEATH, attr, 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"landlock_add_rule({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
+WRITABLE_DEVICES = sandbox_init.WRITABLE_DEVICES
+landlock_abi = sandbox_init.landlock_abi
+landlock_restrict = sandbox_init.landlock_restrict
 
 
 def landlock_ruleset(workdir: str) -> int | None:
-    """A Landlock ruleset fd: read/execute anywhere, write only beneath ``workdir``.
+    """A Landlock ruleset fd: read/execute anywhere, write only beneath ``workdir`` (and devices).
 
-    Returns None when the kernel has no Landlock. The caller passes the fd to
-    :func:`landlock_restrict` in the child and closes it in the parent afterwards.
-    Raises OSError when Landlock exists but the ruleset cannot be built.
+    For the ``process`` isolation: built in the parent, enforced in the child by
+    :func:`child_setup`. None when the kernel has no Landlock; OSError when it cannot be built.
     """
-    abi = landlock_abi()
-    if abi < 1:
-        return None
-    handled = _fs_rights(abi)
-    scoped = (_SCOPE_SIGNAL | _SCOPE_ABSTRACT_UNIX_SOCKET) if abi >= 6 else 0
-    if abi >= 6:
-        attr_bytes = struct.pack("=QQQ", handled, 0, scoped)
-    elif abi >= 4:
-        attr_bytes = struct.pack("=QQ", handled, 0)
-    else:
-        attr_bytes = struct.pack("=Q", handled)
-    attr = ctypes.create_string_buffer(attr_bytes, len(attr_bytes))
-    ruleset_fd = _lib().syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr_bytes)), 0)
-    if ruleset_fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"landlock_create_ruleset: {os.strerror(err)}")
-    try:
-        _add_path_rule(ruleset_fd, "/", _FS_READ_FILE | _FS_READ_DIR | _FS_EXECUTE)
-        _add_path_rule(ruleset_fd, workdir, handled)
-        device_rights = _FS_READ_FILE | _FS_WRITE_FILE
-        device_rights |= (_FS_TRUNCATE if abi >= 3 else 0) | (_FS_IOCTL_DEV if abi >= 5 else 0)
-        for device in WRITABLE_DEVICES:
-            if os.path.exists(device):
-                try:
-                    _add_path_rule(ruleset_fd, device, device_rights)
-                except OSError:
-                    pass  # e.g. no controlling tty: the device cannot be opened anyway
-    except BaseException:
-        os.close(ruleset_fd)
-        raise
-    os.set_inheritable(ruleset_fd, False)
-    return ruleset_fd
-
-
-def landlock_restrict(ruleset_fd: int) -> None:
-    """In the child, before exec: no new privileges, then enforce the ruleset. Raises OSError."""
-    lib = _lib()
-    if lib.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "prctl(PR_SET_NO_NEW_PRIVS)")
-    if lib.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "landlock_restrict_self")
+    return sandbox_init.landlock_ruleset([workdir])
 
 
 # --- process limit: cgroup or watchdog --------------------------------------------------------
@@ -411,3 +320,286 @@ def child_setup(limit: ProcessLimit | None, ruleset_fd: int | None, rlimits: Cal
             landlock_restrict(ruleset_fd)
 
     return setup
+
+
+# --- Namespaces: bubblewrap -------------------------------------------------------------------
+
+#: Values of ORCHESTRATOR_EXEC_SANDBOX.
+ISOLATION_MODES = ("auto", "bwrap", "process")
+
+#: Where agents/sandbox_init.py is mounted inside the sandbox.
+INIT_PATH = "/run/orchestrator/init.py"
+
+#: What a command sees of /etc (read-only, each only where the host has it). Everything else is
+#: absent: shadow, gshadow, sudoers, ssh host keys, ssl/private, the configuration of the
+#: services running beside the worker.
+ETC_ENTRIES = (
+    "passwd",
+    "group",
+    "hosts",
+    "hostname",
+    "resolv.conf",
+    "nsswitch.conf",
+    "host.conf",
+    "gai.conf",
+    "localtime",
+    "timezone",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "mime.types",
+    "protocols",
+    "services",
+    "os-release",
+    "debian_version",
+    "locale.alias",
+    "magic",
+)
+
+#: Top-level system folders, bound read-only (or re-created as the symlinks they are, merged /usr).
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+class SandboxUnavailable(Exception):
+    """This deployment may not run exec steps here: ``str()`` is one line saying why and what to do."""
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How exec steps run in this process.
+
+    ``mode`` is "bwrap" (namespaces) or "process" (process limits only). ``uid``/``gid`` are the
+    ids commands run as under bwrap: an unprivileged pair when the worker is root, -1 when the
+    worker is not root (it already is unprivileged; bwrap maps it in a user namespace).
+    ``bwrap`` is the program's path. ``note`` says why "process" was chosen.
+    """
+
+    mode: str
+    uid: int = -1
+    gid: int = -1
+    bwrap: str = ""
+    note: str = ""
+
+
+_isolation_cache: dict[tuple, Isolation | SandboxUnavailable] = {}
+_warned: set[str] = set()
+_isolation_lock = threading.Lock()
+
+
+def reset_isolation() -> None:
+    """Forget the cached decision and warnings (tests change the settings)."""
+    _isolation_cache.clear()
+    _warned.clear()
+
+
+def _setting(name: str, default):
+    from django.conf import settings
+
+    return getattr(settings, name, default)
+
+
+def isolation() -> Isolation:
+    """The isolation exec steps get here, decided once per process and settings.
+
+    ``ORCHESTRATOR_EXEC_SANDBOX``: "bwrap" requires bubblewrap; "process" uses the process limits
+    only (logs a warning once); "auto" (default) uses bubblewrap when it works here, else falls
+    back to the process limits only in the embedded default (``ORCHESTRATOR_EMBEDDED``: one user
+    on their own machine) with a warning logged once, and refuses otherwise.
+
+    Raises:
+        SandboxUnavailable: bubblewrap is required (or the deployment is multi-tenant) and it
+            does not work here; the message names the cause.
+    """
+    wanted = str(_setting("ORCHESTRATOR_EXEC_SANDBOX", "auto") or "auto").strip().lower()
+    program = str(_setting("ORCHESTRATOR_EXEC_BWRAP", "bwrap") or "bwrap")
+    embedded = bool(_setting("ORCHESTRATOR_EMBEDDED", False))
+    uid = int(_setting("ORCHESTRATOR_EXEC_UID", 65534))
+    gid = int(_setting("ORCHESTRATOR_EXEC_GID", 65534))
+    key = (wanted, program, embedded, uid, gid, os.geteuid())
+    with _isolation_lock:  # the embedded worker's threads ask at once: one probe, one warning
+        cached = _isolation_cache.get(key)
+        if cached is None:
+            cached = _decide(wanted, program, embedded, uid, gid)
+            _isolation_cache[key] = cached
+        if isinstance(cached, Isolation) and cached.mode == "process" and cached.note not in _warned:
+            _warned.add(cached.note)
+            log.warning("%s", cached.note)
+    if isinstance(cached, SandboxUnavailable):
+        raise cached
+    return cached
+
+
+def _decide(wanted: str, program: str, embedded: bool, uid: int, gid: int) -> Isolation | SandboxUnavailable:
+    if wanted not in ISOLATION_MODES:
+        return SandboxUnavailable(
+            f"ORCHESTRATOR_EXEC_SANDBOX={wanted!r} is not one of {', '.join(ISOLATION_MODES)}: exec steps refused"
+        )
+    if wanted == "process":
+        return Isolation(
+            "process",
+            note="exec steps run WITHOUT namespaces (ORCHESTRATOR_EXEC_SANDBOX=process): only process limits "
+            "and Landlock contain them; a command can read what the worker's user can read",
+        )
+    if os.geteuid() == 0 and (uid <= 0 or gid <= 0):
+        return SandboxUnavailable(
+            "ORCHESTRATOR_EXEC_UID/GID must name an unprivileged user (not 0): exec steps refused"
+        )
+    found = shutil.which(program)
+    candidate = Isolation("bwrap", uid if os.geteuid() == 0 else -1, gid if os.geteuid() == 0 else -1, found or "")
+    problem = _probe(candidate) if found else f"bubblewrap ({program}) is not installed"
+    if problem is None:
+        return candidate
+    if wanted == "auto" and embedded:
+        return Isolation(
+            "process",
+            note=f"exec steps run WITHOUT namespaces: {problem}; falling back to process limits and Landlock "
+            "(embedded default, one user). Install bubblewrap to isolate them (README: Sandbox)",
+        )
+    return SandboxUnavailable(
+        f"exec steps refused: {problem} (this deployment requires the bubblewrap sandbox; see README: Sandbox)"
+    )
+
+
+def _probe(iso: Isolation) -> str | None:
+    """Run ``true`` in a full sandbox once; None when it works, else the reason (one line)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="orchestrator-probe-") as workdir:
+        try:
+            prepare_workdir(iso, workdir)
+            argv = bwrap_command(iso, workdir, ["true"], network=False)
+            done = subprocess.run(
+                argv,
+                cwd=workdir,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"bubblewrap cannot start: {exc}"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
+    reason = lines[-1] if lines else f"exit code {done.returncode}"
+    return f"bubblewrap does not work here ({reason[:200]}; user namespaces or privileges missing?)"
+
+
+def prepare_workdir(iso: Isolation, workdir: str) -> None:
+    """Give the work directory (and what is in it) to the sandbox's user, when that user differs."""
+    if iso.mode != "bwrap" or iso.uid < 0:
+        return
+    os.chown(workdir, iso.uid, iso.gid)
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), iso.uid, iso.gid)
+
+
+def _python_paths() -> list[str]:
+    """Folders of the worker's interpreter and its installed packages (read-only in the sandbox)."""
+    import site
+    import sys
+
+    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    try:
+        candidates += site.getsitepackages()
+    except AttributeError:  # pragma: no cover - some virtualenv flavours
+        pass
+    candidates += [str(p) for p in _setting("ORCHESTRATOR_EXEC_RO_PATHS", []) or []]
+    return candidates
+
+
+def read_only_paths() -> list[str]:
+    """Extra folders bound read-only: the interpreter's prefixes, site-packages, ORCHESTRATOR_EXEC_RO_PATHS.
+
+    Never one that holds the data directory (secret key, SQLite database, key files), ``/``
+    itself, ``/etc``, ``/proc`` or ``/sys``; paths under ``/usr`` are there already.
+    """
+    data_dir = os.path.realpath(str(_setting("DATA_DIR", "") or "/nonexistent"))
+    chosen: list[str] = []
+    for raw in _python_paths():
+        path = os.path.realpath(raw)
+        if not os.path.isdir(path) or path in ("/", "/etc", "/proc", "/sys", "/dev", "/run"):
+            continue
+        if path == "/usr" or path.startswith("/usr/"):
+            continue
+        if data_dir == path or data_dir.startswith(path.rstrip("/") + "/"):
+            log.warning("exec sandbox: %s holds the data directory; not made visible to commands", path)
+            continue
+        chosen.append(path)
+    chosen.sort(key=len)
+    result: list[str] = []
+    for path in chosen:
+        if not any(path == done or path.startswith(done + "/") for done in result):
+            result.append(path)
+    return result
+
+
+def _mount_point(path: str, made: set[str], args: list[str]) -> None:
+    """Create the parents of ``path`` in the sandbox as 0755 folders (bwrap's default is 0700)."""
+    parts = path.strip("/").split("/")[:-1]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        if current not in made and current not in ("/usr", "/tmp", "/proc", "/dev"):
+            made.add(current)
+            args += ["--perms", "0755", "--dir", current]
+
+
+def bwrap_command(
+    iso: Isolation, workdir: str, argv: list[str], network: bool, readable: list[str] | None = None
+) -> list[str]:
+    """The bubblewrap command line that runs ``argv`` in ``workdir`` (see the module docstring).
+
+    New PID, IPC, UTS, cgroup and (unless ``network``) network namespaces, plus a user namespace
+    when the worker is not root; a fresh /proc; a minimal /dev; /tmp a private tmpfs of
+    ``ORCHESTRATOR_EXEC_TMPFS_MB`` MiB; /usr, the system folders, the filtered /etc and the
+    interpreter read-only, plus the ``readable`` folders (the run's work directory); ``workdir``
+    writable (same path as outside). The init
+    (agents/sandbox_init.py) then drops to ``iso.uid``, applies Landlock and execs ``argv``.
+    """
+    import sys
+
+    tmpfs_bytes = max(1, int(_setting("ORCHESTRATOR_EXEC_TMPFS_MB", 256))) * 1024 * 1024
+    args = [iso.bwrap or "bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    args += ["--unshare-cgroup-try", "--hostname", "sandbox"]
+    if not network:
+        args.append("--unshare-net")
+    if os.geteuid() == 0:
+        # Root keeps only what the init needs to become the unprivileged user; it loses them then.
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args.append("--unshare-user")
+    args += ["--ro-bind", "/usr", "/usr"]
+    for name in SYSTEM_DIRS:
+        if os.path.islink(name):
+            args += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            args += ["--ro-bind", name, name]
+    made = {"/etc", "/run", "/run/orchestrator"}
+    args += ["--perms", "0755", "--dir", "/etc"]
+    for entry in ETC_ENTRIES:
+        path = f"/etc/{entry}"
+        if os.path.exists(path):
+            _mount_point(path, made, args)
+            args += ["--ro-bind-try", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    args += ["--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
+    for path in [*read_only_paths(), *(readable or [])]:
+        _mount_point(path, made, args)
+        args += ["--ro-bind", path, path]
+    _mount_point(workdir, made, args)
+    args += ["--bind", workdir, workdir]
+    args += ["--perms", "0755", "--dir", "/run", "--perms", "0755", "--dir", "/run/orchestrator"]
+    # chdir into the work directory happens in the init, as its owner: root without capabilities
+    # may not enter a 0700 folder of another user.
+    args += ["--ro-bind", sandbox_init.__file__, INIT_PATH, "--chdir", "/"]
+    args += ["--", sys.executable, "-I", "-S", INIT_PATH, str(iso.uid), str(iso.gid), workdir, "--", *argv]
+    return args

@@ -1,7 +1,9 @@
 """Small callables for ``python`` steps in tests, benchmarks and demos.
 
-``echo``, ``fail`` and ``flaky`` are on the default ``ORCHESTRATOR_PYTHON_CALLABLES``
-allow-list; ``slow`` is not (add ``agents.testing.slow`` where a test needs it).
+None of them is on the default ``ORCHESTRATOR_PYTHON_CALLABLES`` allow-list: ``flaky`` writes
+a counter file wherever ``counter_path`` says, which no workflow of a deployment may choose. The
+test settings (``orchestrator_site/test_settings.py``) and the tests' worker allow ``echo``,
+``fail`` and ``flaky``; add ``agents.testing.slow`` where a test needs it.
 """
 
 from __future__ import annotations

@@ -41,6 +41,24 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+
+
+def _embedded_fernet_keys() -> list[str]:
+    """The embedded default's credential keys: generated once into the data directory (0600)."""
+    import base64
+
+    path = DATA_DIR / "fernet_keys"
+    try:
+        return [k.strip() for k in path.read_text().split(",") if k.strip()]
+    except FileNotFoundError:
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key)
+        return [key]
+
+
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 
@@ -217,6 +235,8 @@ ORCHESTRATOR_RELEASE_DB_DURING_STEP = env_bool("ORCHESTRATOR_RELEASE_DB_DURING_S
 #: Worker threads of the embedded worker.
 ORCHESTRATOR_EMBEDDED_CONCURRENCY = env_int("ORCHESTRATOR_EMBEDDED_CONCURRENCY", 4)
 #: Dotted paths that `python` steps may call: the allow-list (extend with a comma-separated env).
+#: Only callables that confine every path they are given to the run's work directory belong
+#: here (issue 10); test helpers (agents.testing.*) are added by the test settings only.
 ORCHESTRATOR_PYTHON_CALLABLES = [
     "templates_app.builtin_tasks.list_distributions",
     "templates_app.builtin_tasks.inspect_distributions",
@@ -224,9 +244,6 @@ ORCHESTRATOR_PYTHON_CALLABLES = [
     "templates_app.builtin_tasks.write_audit_report",
     "templates_app.builtin_tasks.list_subpackages",
     "templates_app.builtin_tasks.join_source_report",
-    "agents.testing.echo",
-    "agents.testing.fail",
-    "agents.testing.flaky",
     "scheduler.health.check",
     *env_list("ORCHESTRATOR_PYTHON_CALLABLES"),
 ]
@@ -272,8 +289,13 @@ ORCHESTRATOR_PURGE_CRON = env_str("ORCHESTRATOR_PURGE_CRON", "30 3 * * *")
 ORCHESTRATOR_STUCK_AFTER = env_float("ORCHESTRATOR_STUCK_AFTER", 900.0)
 #: Fernet keys (urlsafe base64, 32 bytes each) encrypting credential secrets, comma-separated,
 #: the NEWEST FIRST: it encrypts, all of them decrypt (MultiFernet). Rotate with
-#: `manage.py rotate_keys`. Unset: one key derived from SECRET_KEY (system check agents.W001).
-ORCHESTRATOR_FERNET_KEYS = env_list("ORCHESTRATOR_FERNET_KEYS")
+#: `manage.py rotate_keys`. Never derived from SECRET_KEY (issue 10: an exec step that read the
+#: secret key could decrypt every tenant's credentials). Unset: the embedded default generates
+#: one key once into <data dir>/fernet_keys (0600); any other deployment must set it (system
+#: check agents.E003; credentials are refused until then).
+ORCHESTRATOR_FERNET_KEYS = env_list("ORCHESTRATOR_FERNET_KEYS") or (
+    _embedded_fernet_keys() if ORCHESTRATOR_EMBEDDED else []
+)
 #: Signed service JWT for agent calls (agents/service_auth.py), instead of the static service
 #: token when a key is set: HS256 shared secret, or a PEM private key for RS256/ES256.
 ORCHESTRATOR_SERVICE_JWT_KEY = env_str("ORCHESTRATOR_SERVICE_JWT_KEY")
@@ -285,6 +307,30 @@ ORCHESTRATOR_SERVICE_JWT_ISSUER = env_str("ORCHESTRATOR_SERVICE_JWT_ISSUER", "or
 ORCHESTRATOR_SERVICE_JWT_AUDIENCE = env_str("ORCHESTRATOR_SERVICE_JWT_AUDIENCE")
 #: `kid` header naming the key, for receivers that hold several.
 ORCHESTRATOR_SERVICE_JWT_KID = env_str("ORCHESTRATOR_SERVICE_JWT_KID")
+
+
+# --- Isolation of exec and python steps, credential keys (issue 10: tenant escapes) ----------
+#: How exec steps are isolated: "bwrap" (bubblewrap namespaces, required), "process" (process
+#: limits and Landlock only: a command reads what the worker's user reads), "auto" (bwrap where it
+#: works; else the embedded default falls back to "process" with a warning logged once, and any
+#: other deployment refuses exec steps). README: Sandbox.
+ORCHESTRATOR_EXEC_SANDBOX = env_str("ORCHESTRATOR_EXEC_SANDBOX", "auto").lower()
+#: The bubblewrap program (name on PATH, or a path).
+ORCHESTRATOR_EXEC_BWRAP = env_str("ORCHESTRATOR_EXEC_BWRAP", "bwrap")
+#: The unprivileged user and group commands run as when the worker is root (65534: nobody).
+ORCHESTRATOR_EXEC_UID = env_int("ORCHESTRATOR_EXEC_UID", 65534)
+ORCHESTRATOR_EXEC_GID = env_int("ORCHESTRATOR_EXEC_GID", 65534)
+#: Size of a command's private /tmp (tmpfs), MiB.
+ORCHESTRATOR_EXEC_TMPFS_MB = env_int("ORCHESTRATOR_EXEC_TMPFS_MB", 256)
+#: Extra folders commands may read (read-only), comma-separated absolute paths; the worker's
+#: interpreter and its site-packages are always visible, the data directory never.
+ORCHESTRATOR_EXEC_RO_PATHS = env_list("ORCHESTRATOR_EXEC_RO_PATHS")
+#: Hosts exec steps may declare with `network: true` (`host`, `*.example.com`, `*` = any host the
+#: SSRF guard lets through). Empty (default): exec steps never get a network.
+ORCHESTRATOR_EXEC_NETWORK_HOSTS = env_list("ORCHESTRATOR_EXEC_NETWORK_HOSTS")
+#: Root of the per-run work directories of python steps (`<root>/<tenant>/<run id>`): builtin
+#: callables read and write files only in there.
+ORCHESTRATOR_RUN_WORK_ROOT = env_str("ORCHESTRATOR_RUN_WORK_ROOT", str(DATA_DIR / "work"))
 
 
 def _cron(expression: str, name: str):

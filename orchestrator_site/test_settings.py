@@ -14,6 +14,9 @@ os.environ.setdefault("ORCHESTRATOR_QUEUE", f"orchestrator-test-{os.getpid()}")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="orchestrator-metrics-"))
 # The tests' own HTTP servers listen on loopback, which the SSRF guard refuses by default.
 os.environ.setdefault("ORCHESTRATOR_HTTP_ALLOW_HOSTS", "127.0.0.1,localhost")
+# Credential keys are never derived from SECRET_KEY: the tests (and their workers) share this
+# test-only key (tests/flow_support.FERNET_KEY).
+os.environ.setdefault("ORCHESTRATOR_FERNET_KEYS", "peUzMMa49ouYSTHc-2pSNjsRwsGBomITwILqQw_4jec=")
 
 from .settings import *  # noqa: E402,F403
 
@@ -25,3 +28,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     DATABASES["default"]["TEST"]["NAME"] = os.environ.get(  # noqa: F405
         "ORCHESTRATOR_TEST_DB", os.path.join(tempfile.gettempdir(), "test_orchestrator.sqlite3")
     )
+
+# Test helpers for python steps (agents/testing.py): they write files where a workflow says, so
+# they are allowed in tests only, never in the default allow-list (issue 10).
+TEST_CALLABLES = ["agents.testing.echo", "agents.testing.fail", "agents.testing.flaky"]
+ORCHESTRATOR_PYTHON_CALLABLES = [*ORCHESTRATOR_PYTHON_CALLABLES, *TEST_CALLABLES]  # noqa: F405

@@ -31,6 +31,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from agents import workdir
 from runs.services import Conflict, Invalid, ServiceError
 from templates_app.errors import WorkflowError, one_line
 
@@ -458,10 +459,13 @@ def purge_runs(older_than_days: float | None = None, *, batch_size: int = 500, d
         return finished.count()
     deleted = 0
     while True:
-        ids = list(finished.order_by("finished_at").values_list("pk", flat=True)[:batch_size])
-        if not ids:
+        rows = list(finished.order_by("finished_at").values_list("pk", "tenant_id")[:batch_size])
+        if not rows:
             return deleted
+        ids = [pk for pk, _ in rows]
         with transaction.atomic():
             Run.objects.filter(pk__in=ids).delete()
+        # the runs' work directories on this machine (agents.workdir) go with them
+        workdir.remove_run_work_dirs([(tenant, pk) for pk, tenant in rows])
         deleted += len(ids)
         log.info("purged %d runs finished before %s", deleted, cutoff.isoformat())

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from agents import workdir
+
 # --------------------------------------------------------------------------------------------
 # Licenses
 # --------------------------------------------------------------------------------------------
@@ -375,23 +377,23 @@ def human_bytes(n: int | float) -> str:
     return f"{value:.1f} GiB"  # pragma: no cover
 
 
-def _resolve_path(report_path: str) -> Path:
+def _work_dir(ctx: Any) -> Path:
+    """The run's work directory of the step ``ctx``; ValueError when called without one."""
+    if ctx is None:
+        raise ValueError("needs the step context (call it from a python step): files live in the run's work directory")
+    return workdir.run_work_dir(ctx)
+
+
+def _resolve_path(report_path: str, ctx: Any) -> Path:
+    """``report_path`` inside the run's work directory (ValueError when empty or escaping)."""
     if not report_path or not str(report_path).strip():
         raise ValueError("report_path is empty")
-    path = Path(str(report_path)).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    return path.resolve()
+    return workdir.confine(_work_dir(ctx), str(report_path), "report_path")
 
 
 def _write_text(path: Path, text: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8")
     # Write then rename, so a retried or concurrent attempt never leaves half a report behind.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return len(data)
+    return workdir.write_file(path, text.encode("utf-8"))
 
 
 def render_audit_markdown(audit: dict[str, Any]) -> str:
@@ -491,17 +493,19 @@ def render_audit_markdown(audit: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_audit_report(audit: dict[str, Any], report_path: str = "package-audit.md") -> dict[str, Any]:
-    """Write the Markdown audit report to `report_path`.
+def write_audit_report(audit: dict[str, Any], report_path: str = "package-audit.md", ctx: Any = None) -> dict[str, Any]:
+    """Write the Markdown audit report to `report_path` inside the run's work directory.
 
-    A relative path resolves against the current working directory; missing parent directories
-    are created; the file is replaced atomically. Returns {"path": absolute path, "packages":
-    int, "copyleft_count": int, "bytes": size of the report in bytes}. Raises ValueError on an
-    empty path, OSError when the file cannot be written.
+    `report_path` is relative to the run's work directory (``ctx.work_dir``, see
+    `agents.workdir`); a path that leaves it (absolute, ``..``, a symlink pointing out) is
+    refused. Missing parent directories are created; the file is replaced atomically. Returns
+    {"path": absolute path, "packages": int, "copyleft_count": int, "bytes": size of the report
+    in bytes}. Raises ValueError on an empty or escaping path, OSError when the file cannot be
+    written.
     """
     if not isinstance(audit, dict):
         raise ValueError(f"audit must be the output of aggregate_audit, got {type(audit).__name__}")
-    path = _resolve_path(report_path)
+    path = _resolve_path(report_path, ctx)
     size = _write_text(path, render_audit_markdown(audit))
     return {
         "path": str(path),
@@ -526,25 +530,52 @@ def _has_python(directory: Path) -> bool:
     return False
 
 
-def list_subpackages(source_dir: str = "") -> dict[str, Any]:
+_PACKAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _installed_package_dir(name: str) -> Path | None:
+    """The folder of the installed top-level package ``name``, or None.
+
+    Found without importing it, and only a regular package (with ``__init__.py``) installed
+    under the interpreter's prefix or site-packages: a folder that merely sits on ``sys.path``
+    (the project's own, its data directory as a namespace package) does not count.
+    """
+    import importlib.util
+    import site
+
+    if not _PACKAGE_NAME.match(name):
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]).resolve()
+    installed = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())}
+    if not any(folder == base or base in folder.parents for base in installed):
+        return None
+    return folder
+
+
+def list_subpackages(source_dir: str = "", ctx: Any = None) -> dict[str, Any]:
     """The directories the `scan` step fans out over.
 
-    `source_dir` "" means the installed Django package's directory. Returns {"root": absolute
-    path, "name": the root directory's name, "subpackages": [absolute paths of the immediate
-    subdirectories holding at least one .py file at any depth, sorted], "root_files": number of
-    .py files directly in the root (not scanned: they belong to no subpackage)}.
-    Hidden directories and __pycache__ are skipped. Raises ValueError when the path does not
-    exist or is not a directory.
+    `source_dir`: "" means the installed Django package; the import name of another installed
+    top-level package (``celery``) means that package's folder; anything else is a folder inside
+    the run's work directory (``ctx.work_dir``; absolute paths, ``..`` and symlinks leading out
+    are refused). Returns {"root": absolute path, "name": the root directory's name,
+    "subpackages": [absolute paths of the immediate subdirectories holding at least one .py file
+    at any depth, sorted], "root_files": number of .py files directly in the root (not scanned:
+    they belong to no subpackage)}. Hidden directories and __pycache__ are skipped. Raises
+    ValueError when the path escapes, does not exist or is not a directory.
     """
-    if source_dir is None or not str(source_dir).strip():
-        import django
-
-        root = Path(django.__file__).resolve().parent
+    name = "" if source_dir is None else str(source_dir).strip()
+    package = _installed_package_dir(name or "django")
+    if package is not None and (not name or not (_work_dir(ctx) / name).exists()):
+        root = package
     else:
-        root = Path(str(source_dir)).expanduser()
-        if not root.is_absolute():
-            root = Path.cwd() / root
-        root = root.resolve()
+        root = workdir.confine(_work_dir(ctx), name, "source_dir")
     if not root.exists():
         raise ValueError(f"source_dir {str(root)!r} does not exist")
     if not root.is_dir():
@@ -575,7 +606,9 @@ def _scan_result(item: Any) -> dict[str, Any]:
     return item
 
 
-def join_source_report(root: str, name: str, scans: list[Any], report_path: str = "") -> dict[str, Any]:
+def join_source_report(
+    root: str, name: str, scans: list[Any], report_path: str = "", ctx: Any = None
+) -> dict[str, Any]:
     """Join the per-subpackage scans into totals, rows and a Markdown report.
 
     `scans` is the joined output of the for_each `scan` exec step: a list of {"exit_code",
@@ -586,8 +619,8 @@ def join_source_report(root: str, name: str, scans: list[Any], report_path: str 
     Returns {"root", "name", "totals": {"subpackages", "files", "lines", "code_lines",
     "functions", "classes", "todo", "parse_errors"}, "subpackages": [scan objects sorted by
     lines, largest first], "markdown": str, "path": absolute path of the written report or None}.
-    The file is written only when `report_path` is non-empty (relative to the current working
-    directory; parent directories created).
+    The file is written only when `report_path` is non-empty: relative to the run's work
+    directory and confined to it like `write_audit_report`'s (parent directories created).
     """
     rows = [_scan_result(item) for item in scans or []]
     rows.sort(key=lambda r: (-int(r.get("lines") or 0), str(r.get("package"))))
@@ -636,7 +669,7 @@ def join_source_report(root: str, name: str, scans: list[Any], report_path: str 
     markdown = "\n".join(md)
     path = None
     if report_path and str(report_path).strip():
-        resolved = _resolve_path(report_path)
+        resolved = _resolve_path(report_path, ctx)
         _write_text(resolved, markdown)
         path = str(resolved)
     return {

@@ -22,6 +22,10 @@ WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 EXAMPLES = ROOT / "examples"
 #: A canary secret: it must never appear in traces, outputs, errors or logs.
 SERVICE_TOKEN = "tok-CANARY-5f3a9e"
+#: The worker's Django secret key: another canary (exec steps must never see it).
+WORKER_SECRET_KEY = "django-secret-CANARY-9c41d7e2b8"
+#: Test helpers for python steps: allowed in the test workers only, never by default.
+TEST_CALLABLES = "agents.testing.echo,agents.testing.fail,agents.testing.flaky"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,6 +64,8 @@ def worker_env(django_db_setup, agent_server, tmp_path_factory):
         ),
         ORCHESTRATOR_AGENTS_BASE_URL=agent_server.url,
         ORCHESTRATOR_SERVICE_TOKEN=SERVICE_TOKEN,
+        DJANGO_SECRET_KEY=WORKER_SECRET_KEY,
+        ORCHESTRATOR_PYTHON_CALLABLES=TEST_CALLABLES,
         ORCHESTRATOR_LLM_BASE_URL=f"{agent_server.url}/v1",
         ORCHESTRATOR_HTTP_ALLOW_HOSTS="127.0.0.1,localhost",  # the SSRF guard lets the local servers in
         ORCHESTRATOR_DATA_DIR=str(tmp_path_factory.mktemp("worker-data")),

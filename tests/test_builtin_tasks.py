@@ -3,7 +3,9 @@ the installed Django package. No database."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -19,6 +21,19 @@ from templates_app.spec import load_spec, validate_inputs
 
 BUILTIN = Path(bt.__file__).resolve().parent / "builtin"
 DJANGO_DIR = Path(django.__file__).resolve().parent
+#: The run id of every step run_step runs (so its work directory is known).
+RUN_ID = "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.fixture
+def work(settings, tmp_path):
+    """The run's work directory (under a temporary ORCHESTRATOR_RUN_WORK_ROOT) and a step context."""
+    from agents import workdir
+
+    settings.ORCHESTRATOR_RUN_WORK_ROOT = str(tmp_path / "work-root")
+    ctx = StepContext(run_id=RUN_ID, step_id="report", step_pk=1, attempt=1, params={}, timeout=60, idempotency_key="k")
+    path = workdir.run_work_dir(ctx)
+    return path, ctx
 
 
 def roundtrip(value):
@@ -45,7 +60,7 @@ def run_step(step: dict, context: dict, index: int = 0):
         params["expression"] = evaluate(step["condition"], context)
     params = render(params, context)
     ctx = StepContext(
-        run_id="00000000-0000-0000-0000-000000000000",
+        run_id=RUN_ID,
         step_id=f"{step['id']}[{index}]" if step.get("for_each") else step["id"],
         step_pk=1,
         attempt=1,
@@ -283,11 +298,11 @@ def test_aggregate_dedups_and_uses_classifiers():
     assert audit["total_size_bytes"] == 60
 
 
-def test_write_audit_report(audit, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = bt.write_audit_report(audit=audit, report_path="out/reports/audit.md")
+def test_write_audit_report(audit, work):
+    folder, ctx = work
+    result = bt.write_audit_report(audit=audit, report_path="out/reports/audit.md", ctx=ctx)
     path = Path(result["path"])
-    assert path.is_absolute() and path == tmp_path / "out" / "reports" / "audit.md"
+    assert path.is_absolute() and path == folder / "out" / "reports" / "audit.md"
     text = path.read_text()
     assert result["bytes"] == len(text.encode()) == path.stat().st_size
     assert result["packages"] == audit["total"]
@@ -309,17 +324,32 @@ def test_write_audit_report(audit, tmp_path, monkeypatch):
     assert not list(path.parent.glob(".*.tmp"))
 
 
-def test_write_audit_report_none_found(tmp_path):
+def test_write_audit_report_none_found(work):
     audit = bt.aggregate_audit(batches=[bt.inspect_distributions(names=["Django"])])
     assert audit["copyleft_count"] == 0
-    result = bt.write_audit_report(audit=audit, report_path=str(tmp_path / "a.md"))
+    result = bt.write_audit_report(audit=audit, report_path="a.md", ctx=work[1])
     text = Path(result["path"]).read_text()
     assert "None found." in text and "Warning" not in text
 
 
-def test_write_audit_report_empty_path(audit):
+def test_write_audit_report_empty_path(audit, work):
     with pytest.raises(ValueError, match="report_path"):
-        bt.write_audit_report(audit=audit, report_path="")
+        bt.write_audit_report(audit=audit, report_path="", ctx=work[1])
+
+
+@pytest.mark.parametrize("report_path", ["/tmp/audit.md", "../audit.md", "a/../../audit.md", "~/audit.md", "out/x.md"])
+def test_write_audit_report_stays_in_the_run_work_directory(audit, work, tmp_path, report_path):
+    # (issue 10: the callable wrote wherever the workflow said)
+    folder, ctx = work
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / "out").symlink_to(outside)  # a symlink inside pointing out is an escape too
+    with pytest.raises(ValueError, match="report_path"):
+        bt.write_audit_report(audit=audit, report_path=report_path, ctx=ctx)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "audit.md").exists()
+    # without a step context there is no work directory: refused as well
+    with pytest.raises(ValueError, match="step context"):
+        bt.write_audit_report(audit=audit, report_path="a.md")
 
 
 # --- source-report on the installed Django package --------------------------------------------
@@ -337,22 +367,39 @@ def test_list_subpackages_default_is_django():
     assert found["root_files"] >= 2  # __init__.py, __main__.py, shortcuts.py
 
 
-def test_list_subpackages_refuses_bad_paths(tmp_path):
+def test_list_subpackages_refuses_bad_paths(work):
+    folder, ctx = work
     with pytest.raises(ValueError, match="does not exist"):
-        bt.list_subpackages(source_dir=str(tmp_path / "missing"))
-    (tmp_path / "f.txt").write_text("x")
+        bt.list_subpackages(source_dir="missing", ctx=ctx)
+    (folder / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
-        bt.list_subpackages(source_dir=str(tmp_path / "f.txt"))
+        bt.list_subpackages(source_dir="f.txt", ctx=ctx)
 
 
-def test_list_subpackages_skips_dirs_without_python(tmp_path):
-    (tmp_path / "pkg" / "deep").mkdir(parents=True)
-    (tmp_path / "pkg" / "deep" / "m.py").write_text("x = 1\n")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.txt").write_text("x")
-    (tmp_path / "top.py").write_text("")
-    found = bt.list_subpackages(source_dir=str(tmp_path))
-    assert found["subpackages"] == [str(tmp_path.resolve() / "pkg")]
+def test_list_subpackages_lists_only_the_run_work_directory(work, tmp_path):
+    # (issue 10: the callable listed any folder the workflow named)
+    folder, ctx = work
+    (folder / "up").symlink_to(tmp_path)
+    for source_dir in ("/etc", str(tmp_path), "..", "../..", "up", "up/work-root"):
+        with pytest.raises(ValueError, match="source_dir"):
+            bt.list_subpackages(source_dir=source_dir, ctx=ctx)
+    # a folder on sys.path that is not an installed package (the project's own) is not a package
+    with pytest.raises(ValueError, match="does not exist"):
+        bt.list_subpackages(source_dir="orchestrator_site", ctx=ctx)
+    # an installed package by its import name is fine
+    assert bt.list_subpackages(source_dir="celery", ctx=ctx)["name"] == "celery"
+
+
+def test_list_subpackages_skips_dirs_without_python(work):
+    folder, ctx = work
+    src = folder / "src"
+    (src / "pkg" / "deep").mkdir(parents=True)
+    (src / "pkg" / "deep" / "m.py").write_text("x = 1\n")
+    (src / "data").mkdir()
+    (src / "data" / "a.txt").write_text("x")
+    (src / "top.py").write_text("")
+    found = bt.list_subpackages(source_dir="src", ctx=ctx)
+    assert found["subpackages"] == [str(src / "pkg")]
     assert found["root_files"] == 1
 
 
@@ -375,8 +422,9 @@ def test_scan_script_on_django_db():
     assert result["parse_errors"] == 0
 
 
-def test_scan_script_counts_exactly(tmp_path):
-    src = tmp_path / "src" / "pkg"
+def test_scan_script_counts_exactly(work):
+    # in the run's work directory: the only folder of ours the exec sandbox lets the scan read
+    src = work[0] / "src" / "pkg"
     src.mkdir(parents=True)
     (src / "a.py").write_text(
         "# TODO: one\n"
@@ -438,8 +486,8 @@ def run_template(name: str, variables: dict) -> tuple[dict, dict]:
     return steps, {key: evaluate(expr, context) for key, expr in doc["outputs"].items()}
 
 
-def test_package_audit_template_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_package_audit_template_end_to_end(work):
+    folder, _ = work
     steps, outputs = run_template("package-audit.yaml", {"batch_size": 40})
     listing = steps["list"]["output"]
     assert len(steps["inspect"]["output"]) == len(listing["batches"]) == -(-listing["count"] // 40)
@@ -449,7 +497,7 @@ def test_package_audit_template_end_to_end(tmp_path, monkeypatch):
     # This environment has psycopg (LGPL): the copyleft branch is taken.
     assert steps["flag_copyleft"]["output"] == {"flagged": audit["copyleft"]}
     assert steps["all_clear"]["status"] == "skipped"
-    report = tmp_path / "package-audit.md"
+    report = folder / "package-audit.md"
     assert outputs == {
         "report_path": str(report),
         "packages": listing["count"],
@@ -458,9 +506,9 @@ def test_package_audit_template_end_to_end(tmp_path, monkeypatch):
     assert report.stat().st_size == steps["report"]["output"]["bytes"]
 
 
-def test_source_report_template_on_django(tmp_path, monkeypatch):
+def test_source_report_template_on_django(work):
     # discover -> scan (one sandboxed subprocess per subpackage) -> join, default source_dir = Django
-    monkeypatch.chdir(tmp_path)
+    folder, _ = work
     steps, outputs = run_template("source-report.yaml", {"report_path": "r/django.md"})
     found = steps["discover"]["output"]
     assert found["root"] == str(DJANGO_DIR)
@@ -469,7 +517,7 @@ def test_source_report_template_on_django(tmp_path, monkeypatch):
     assert all(s["exit_code"] == 0 and isinstance(s["stdout"], dict) for s in scans)
     joined = steps["join"]["output"]
     totals = joined["totals"]
-    assert outputs == {"totals": totals, "report_path": str(tmp_path / "r" / "django.md")}
+    assert outputs == {"totals": totals, "report_path": str(folder / "r" / "django.md")}
     assert totals["subpackages"] == len(found["subpackages"])
     assert totals["files"] == sum(s["stdout"]["files"] for s in scans)
     py_files = [p for p in DJANGO_DIR.glob("*/**/*.py") if "__pycache__" not in p.parts]
@@ -483,10 +531,11 @@ def test_source_report_template_on_django(tmp_path, monkeypatch):
     assert "# Source report: django" in text and "| db |" in text
 
 
-def test_source_report_template_without_file(tmp_path, monkeypatch):
-    (tmp_path / "src" / "a").mkdir(parents=True)
-    (tmp_path / "src" / "a" / "m.py").write_text("def f():\n    return 1  # XXX\n")
-    monkeypatch.chdir(tmp_path)
+def test_source_report_template_without_file(work):
+    # a folder of the run's work directory: exec steps of the run read it (read-only)
+    folder, _ = work
+    (folder / "src" / "a").mkdir(parents=True)
+    (folder / "src" / "a" / "m.py").write_text("def f():\n    return 1  # XXX\n")
     steps, outputs = run_template("source-report.yaml", {"source_dir": "src"})
     assert outputs["report_path"] is None
     assert outputs["totals"] == {
@@ -499,7 +548,7 @@ def test_source_report_template_without_file(tmp_path, monkeypatch):
         "todo": 1,
         "parse_errors": 0,
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no report written
+    assert sorted(p.name for p in folder.iterdir()) == ["src"]  # no report written
 
 
 def test_join_source_report_accepts_shapes(tmp_path):
@@ -604,3 +653,16 @@ def test_package_audit_spec_graph():
     # From the CLI every value is a string: batch_size is declared integer, so "7" becomes 7.
     spec = load_spec(path.read_bytes(), source=str(path))
     assert validate_inputs(spec, {"batch_size": "7"})["batch_size"] == 7
+
+
+def test_default_allow_list_has_no_unconfined_callables():
+    # (issue 10) the deployment default, not the test settings' extended list
+    from orchestrator_site import settings as deployment
+
+    assert os.environ.get("ORCHESTRATOR_PYTHON_CALLABLES") is None
+    for helper in ("agents.testing.flaky", "agents.testing.echo", "agents.testing.fail", "agents.testing.slow"):
+        assert helper not in deployment.ORCHESTRATOR_PYTHON_CALLABLES
+    # what remains of the builtin templates takes the step context, i.e. its run's work directory
+    for path in ("write_audit_report", "list_subpackages", "join_source_report"):
+        assert f"templates_app.builtin_tasks.{path}" in deployment.ORCHESTRATOR_PYTHON_CALLABLES
+        assert "ctx" in inspect.signature(getattr(bt, path)).parameters

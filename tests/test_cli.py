@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from django.core.management import call_command
 
 from runs.models import Run, Step
 from templates_app.models import WorkflowTemplate
-from tests.conftest import ROOT, WORKFLOWS
+from tests.conftest import ROOT, TEST_CALLABLES, WORKFLOWS
 
 
 def run_command(*args: str) -> tuple[int, str, str]:
@@ -121,13 +122,15 @@ def test_load_templates_idempotent_and_versions(db, tmp_path):
     assert WorkflowTemplate.objects.filter(key="mine").count() == 2
 
 
-def test_builtin_package_audit(worker, tmp_path):
-    report = tmp_path / "audit.md"
-    code, out, err = run_command("run_workflow", "package-audit", "--var", f"report_path={report}", "--json")
+def test_builtin_package_audit(worker):
+    code, out, err = run_command("run_workflow", "package-audit", "--var", "report_path=reports/audit.md", "--json")
     assert code == 0, out + err
     data = json.loads(out)
     assert data["status"] == "succeeded"
     assert data["outputs"]["packages"] > 20
+    # written in the run's work directory, under the worker's ORCHESTRATOR_RUN_WORK_ROOT
+    report = Path(data["outputs"]["report_path"])
+    assert report.parts[-3:] == (data["run_id"], "reports", "audit.md")
     text = report.read_text()
     assert "Django" in text or "django" in text
     run = Run.objects.get(pk=data["run_id"])
@@ -153,6 +156,7 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
         if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "ORCHESTRATOR_QUEUE", "DJANGO_SETTINGS_MODULE")
     }
     env["ORCHESTRATOR_DATA_DIR"] = str(tmp_path / "data")
+    env["ORCHESTRATOR_PYTHON_CALLABLES"] = TEST_CALLABLES  # chain.yaml calls agents.testing.echo
     return env
 
 
@@ -182,3 +186,31 @@ def test_embedded_mode_needs_no_servers(tmp_path):
     )
     assert proc.returncode == 1
     assert "broken" in proc.stdout and "dead" in proc.stdout
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "fallback"])
+def test_embedded_builtin_exec_template_runs_with_and_without_bubblewrap(tmp_path, isolation):
+    """The builtin templates' exec steps work in the embedded default under bubblewrap, and with
+    nothing but pip (no bubblewrap: the process limits, one warning) (issue 10)."""
+    env = embedded_env(tmp_path)
+    env["ORCHESTRATOR_LOG_FORMAT"] = "text"
+    if isolation == "bwrap":
+        if shutil.which("bwrap") is None:
+            pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
+        env["ORCHESTRATOR_EXEC_SANDBOX"] = "bwrap"  # required: fails instead of falling back
+    else:
+        env["ORCHESTRATOR_EXEC_BWRAP"] = str(tmp_path / "no-bwrap-here")
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "run_workflow", "source-report", "--var", "source_dir=celery", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert data["status"] == "succeeded"
+    assert data["outputs"]["totals"]["files"] > 100
+    warnings = proc.stderr.count("exec steps run WITHOUT namespaces")
+    assert warnings == (1 if isolation == "fallback" else 0), proc.stderr[-2000:]

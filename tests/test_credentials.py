@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from django.core.management import call_command
@@ -64,10 +64,78 @@ def test_secret_is_encrypted_at_rest(db, settings):
     assert CANARY not in repr(credential) and CANARY not in str(credential)
 
 
-def test_without_keys_a_key_derived_from_secret_key_is_used(db, settings):
+def test_without_keys_nothing_is_encrypted_with_a_key_derived_from_secret_key(db, settings, owner):
+    # (issue 10: with the secret key, read from the worker's environment, an exec step derived
+    # the credential key and decrypted another tenant's secrets)
+    from agents.checks import check_fernet_keys
+
     settings.ORCHESTRATOR_FERNET_KEYS = []
+    # storing a secret is refused with one line, in code, in the API and by the system check
+    with pytest.raises(credentials.CredentialError, match="ORCHESTRATOR_FERNET_KEYS"):
+        make_credential()
+    assert not Credential.objects.exists()
+    answer = api_client_for(owner).post(
+        f"{API}/credentials", {"alias": "svc", "kind": "bearer", "secret": CANARY}, format="json"
+    )
+    assert answer.status_code == 400 and "ORCHESTRATOR_FERNET_KEYS" in json.dumps(answer.json())
+    assert CANARY not in json.dumps(answer.json())
+    assert [e.id for e in check_fernet_keys()] == ["agents.E003"]
+    # with a key, the token does not open with the key derived from SECRET_KEY
+    settings.ORCHESTRATOR_FERNET_KEYS = [FERNET_KEY]
+    token = raw_secret_column(make_credential().pk)
+    with pytest.raises(InvalidToken):
+        Fernet(credentials.legacy_derived_key(settings.SECRET_KEY)).decrypt(token.encode())
+    settings.ORCHESTRATOR_FERNET_KEYS = [credentials.legacy_derived_key(settings.SECRET_KEY).decode()]
+    assert [e.id for e in check_fernet_keys()] == ["agents.W003"]
+
+
+def test_secrets_of_older_versions_migrate_with_from_secret_key(db, settings, capsys):
+    # Given a secret stored by a version that derived its key from SECRET_KEY ...
+    legacy = Fernet(credentials.legacy_derived_key(settings.SECRET_KEY))
+    settings.ORCHESTRATOR_FERNET_KEYS = [FERNET_KEY]
     credential = make_credential()
-    assert Fernet(credentials.derived_key()).decrypt(raw_secret_column(credential.pk).encode()).decode() == CANARY
+    Credential.objects.filter(pk=credential.pk).update(secret_encrypted=legacy.encrypt(CANARY.encode()).decode())
+    # ... the configured key does not open it ...
+    with pytest.raises(CommandError, match="1 secret\\(s\\) cannot be decrypted"):
+        call_command("rotate_keys", "--check")
+    # ... until rotate_keys --from-secret-key re-encrypts it with the configured key
+    call_command("rotate_keys", "--from-secret-key")
+    assert "1 secret(s) re-encrypted" in capsys.readouterr().out
+    assert credentials.decrypt(raw_secret_column(credential.pk)) == CANARY
+    call_command("rotate_keys", "--check")
+
+
+def test_the_embedded_default_generates_its_key_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DATABASE_URL", "CELERY_BROKER"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="orchestrator_site.settings",
+        ORCHESTRATOR_DATA_DIR=str(tmp_path),
+        ORCHESTRATOR_FERNET_KEYS="",
+        DJANGO_SECRET_KEY="",
+    )
+    code = "from django.conf import settings as s; print(','.join(s.ORCHESTRATOR_FERNET_KEYS), s.SECRET_KEY)"
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", f"import django; django.setup(); {code}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]  # the same key (and secret key) on every start
+    key, secret_key = runs[0]
+    Fernet(key.encode())
+    assert key != credentials.legacy_derived_key(secret_key).decode()
+    assert (tmp_path / "fernet_keys").stat().st_mode & 0o777 == 0o600
 
 
 def test_rotate_keys_reencrypts_with_the_newest_key(db, settings, capsys):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agents.registry import StepContext, StepError, StepTimeout, get_handler, run_with_timeout
@@ -43,6 +45,20 @@ def fail_exec(params: dict[str, Any], timeout: float = 20.0) -> tuple[StepError,
 
 def py(code: str, *args: str) -> list[str]:
     return ["python", "-c", code, *args]
+
+
+def sleepers(marker: str) -> list[int]:
+    """Host pids of the running ``sleep <marker>`` processes (a command's own pids are those of its
+    PID namespace, so the test finds its processes from outside by a unique argument)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["cmdline"] == ["sleep", marker] and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc.pid)
+    return found
+
+
+def unique_seconds() -> str:
+    return f"30.{uuid.uuid4().int % 10**6:06d}"
 
 
 def gone_or_zombie(pid: int) -> bool:
@@ -88,20 +104,19 @@ def test_killed_by_a_signal_names_it():
 
 
 def test_timeout_kills_the_process_group_quickly():
-    # (the pid goes to stdout: the sandbox lets a command write only inside its work directory)
+    marker = unique_seconds()
     started = time.monotonic()
-    error, ctx = fail_exec({"command": ["sh", "-c", "sleep 30 & echo $!; sleep 30"]}, timeout=1)
+    error, ctx = fail_exec({"command": ["sh", "-c", f"sleep {marker} & sleep 30"]}, timeout=1)
     elapsed = time.monotonic() - started
     assert isinstance(error, StepTimeout)
     assert not error.permanent
     assert elapsed < 5
     assert "timed out" in ctx.events[0][1]
     # the background child went down with the group
-    background = int(error.output["stdout"])
     deadline = time.monotonic() + 3
-    while not gone_or_zombie(background) and time.monotonic() < deadline:
+    while sleepers(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gone_or_zombie(background)
+    assert sleepers(marker) == []
 
 
 def test_param_timeout_is_capped_by_step_timeout():
@@ -112,15 +127,15 @@ def test_param_timeout_is_capped_by_step_timeout():
 
 
 def test_background_child_is_killed_after_exit():
+    marker = unique_seconds()
     started = time.monotonic()
-    output, _ = run_exec({"command": ["sh", "-c", "sleep 30 & echo $! >&2; echo done"]})
+    output, _ = run_exec({"command": ["sh", "-c", f"sleep {marker} & echo done"]})
     assert output["stdout"] == "done\n"
     assert time.monotonic() - started < 5  # did not wait for the straggler holding the pipes
-    background = int(output["stderr"])
     deadline = time.monotonic() + 3
-    while not gone_or_zombie(background) and time.monotonic() < deadline:
+    while sleepers(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gone_or_zombie(background)
+    assert sleepers(marker) == []
 
 
 def test_memory_limit(settings):

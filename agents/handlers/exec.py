@@ -1,7 +1,11 @@
 """``exec`` steps: run a command in a sandboxed subprocess.
 
-The sandbox is what a plain POSIX process offers (no container runtime is used; an ``image``
-param is accepted for seed 002's files and recorded in the trace, nothing more):
+Isolation (``agents.sandbox.isolation``, README "Sandbox"): bubblewrap namespaces (own PID, IPC,
+UTS, cgroup and network namespaces, a fresh /proc, a read-only system and filtered /etc, the
+work directory writable, an unprivileged uid when the worker is root), or, where bubblewrap
+is missing, only in the embedded default, the process limits alone (a multi-tenant deployment
+refuses the step, permanently). No container runtime is used; an ``image`` param is accepted for
+seed 002's files and recorded in the trace, nothing more. On top of either:
 
 - no shell ever: ``command`` is an argument list (``python`` / ``python3`` as ``command[0]`` mean
   the worker's own interpreter, ``sys.executable``);
@@ -27,6 +31,9 @@ Params:
     files: list of ``{"name": relative path, "content": str or JSON value, "executable": bool}``.
     stdin: a string, or any JSON value (sent as JSON).
     timeout: seconds, capped by the step's timeout.
+    network: true to get the network (default: none); needs ``hosts``, each on
+        ``ORCHESTRATOR_EXEC_NETWORK_HOSTS`` and passing the SSRF guard (see :func:`_network`).
+    hosts: list of ``host`` / ``host:port`` the command will reach (at most ``MAX_HOSTS``).
 
 Output: ``{"exit_code": int, "stdout": parsed JSON when stdout is JSON else text,
 "stderr": last 4000 characters}`` (plus ``"truncated": true`` when stdout was cut).
@@ -61,9 +68,11 @@ from typing import Any
 
 from django.conf import settings
 
-from .. import sandbox
+from .. import netguard, sandbox
+from .. import workdir as workdir_module
 from ..httpclient import duration_ms
 from ..registry import StepContext, StepError, StepHandler, StepTimeout, is_expression, register
+from ..sandbox_init import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP, MARKER
 
 #: The whole environment a command starts with (plus HOME/TMPDIR and the step's env).
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -80,6 +89,9 @@ PIPE_GRACE = 0.5
 
 #: Seconds between two checks of the process limit while a command runs.
 LIMIT_CHECK = 0.05
+
+#: Most hosts one step may declare with ``network: true``.
+MAX_HOSTS = 20
 
 #: Tests set this to exercise the watchdog where a pids cgroup could be made.
 FORCE_WATCHDOG = False
@@ -132,6 +144,22 @@ class ExecHandler(StepHandler):
                         _safe_relative(name)
                     except ValueError as exc:
                         raise ValueError(f"files[{index}].name: {exc}") from None
+        network = params.get("network")
+        if network is not None and not is_expression(network) and not isinstance(network, bool):
+            raise ValueError("network must be true or false")
+        hosts = params.get("hosts")
+        if hosts is not None and not is_expression(hosts):
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise ValueError("hosts must be a list of host or host:port strings")
+            if len(hosts) > MAX_HOSTS:
+                raise ValueError(f"hosts: at most {MAX_HOSTS} entries")
+            for index, entry in enumerate(hosts):
+                try:
+                    _host_port(entry)
+                except ValueError as exc:
+                    raise ValueError(f"hosts[{index}]: {exc}") from None
+        if network is True and not hosts:
+            raise ValueError("network: true needs hosts: the list of hosts the command will reach")
         timeout = params.get("timeout")
         if timeout is not None and not is_expression(timeout):
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -151,6 +179,13 @@ class ExecHandler(StepHandler):
         max_output = int(getattr(settings, "ORCHESTRATOR_EXEC_MAX_OUTPUT", 1_000_000))
         max_processes = int(getattr(settings, "ORCHESTRATOR_EXEC_MAX_PROCESSES", 64) or 0)
 
+        try:
+            iso = sandbox.isolation()
+        except sandbox.SandboxUnavailable as exc:
+            # A deployment setting, not this attempt's luck: retrying cannot help.
+            raise StepError(str(exc), permanent=True) from None
+        network = _network(p, iso)
+
         with tempfile.TemporaryDirectory(prefix="orchestrator-exec-") as workdir:
             _write_files(workdir, p.get("files") or [])
             argv = _argv([str(arg) for arg in command], workdir)
@@ -160,27 +195,37 @@ class ExecHandler(StepHandler):
             trace_data: dict[str, Any] = {"command": argv, "attempt": ctx.attempt}
             if p.get("image"):
                 trace_data["image"] = p["image"]
-                trace_data["note"] = "no container runtime: ran as a local process"
+                trace_data["note"] = "no container runtime: ran in the exec sandbox"
 
             limit = (
                 sandbox.process_limit(max_processes, memory_mb * 1024 * 1024, force_watchdog=FORCE_WATCHDOG)
                 if max_processes > 0
                 else None
             )
+            ruleset = None
             try:
-                ruleset = sandbox.landlock_ruleset(workdir)
+                if iso.mode == "bwrap":
+                    sandbox.prepare_workdir(iso, workdir)
+                    run_dir = workdir_module.run_work_path(ctx.tenant_id, ctx.run_id)
+                    readable = [str(run_dir.resolve())] if run_dir.is_dir() else []
+                    popen_argv = sandbox.bwrap_command(iso, workdir, argv, network=bool(network), readable=readable)
+                else:
+                    ruleset = sandbox.landlock_ruleset(workdir)
+                    popen_argv = argv
             except OSError as exc:
-                if limit is not None:
-                    limit.close()
+                _release(limit, ruleset)
                 raise StepError(f"exec sandbox unavailable: {exc}") from None
             trace_data["sandbox"] = {
+                "isolation": iso.mode,
+                "uid": iso.uid if iso.mode == "bwrap" and iso.uid >= 0 else os.geteuid(),
+                "network": network if iso.mode == "bwrap" else "host (no network namespace)",
                 "process_limit": f"{limit.mode} ({max_processes})" if limit else "none",
-                "landlock_abi": sandbox.landlock_abi() if ruleset is not None else None,
+                "landlock_abi": sandbox.landlock_abi() or None,
             }
             started = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    argv,
+                    popen_argv,
                     cwd=workdir,
                     env=env,
                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -193,7 +238,7 @@ class ExecHandler(StepHandler):
             except (FileNotFoundError, PermissionError) as exc:
                 _release(limit, ruleset)
                 reason = "not found" if isinstance(exc, FileNotFoundError) else "not executable"
-                message = f"command {reason}: {argv[0]}"
+                message = f"command {reason}: {popen_argv[0]}"
                 self.trace(ctx, "exec", f"exec {argv[0]} -> {reason}", {**trace_data, "error": message})
                 raise StepError(message, permanent=True) from None
             except (OSError, subprocess.SubprocessError) as exc:
@@ -216,15 +261,24 @@ class ExecHandler(StepHandler):
             if limit is not None:
                 trace_data["sandbox"]["peak_processes"] = limit.peak
 
+        returncode = proc.returncode
+        if iso.mode == "bwrap":
+            returncode = _bwrap_returncode(returncode)
+            init_error = _init_error(returncode, captured.stderr_text())
+            if init_error is not None:
+                message, permanent = init_error
+                trace_data["error"] = message
+                self.trace(ctx, "exec", f"exec {argv[0]} -> {message}", trace_data)
+                raise StepError(message, permanent=permanent)
         output: dict[str, Any] = {
-            "exit_code": proc.returncode,
+            "exit_code": returncode,
             "stdout": _stdout_value(captured.stdout, captured.truncated),
             "stderr": captured.stderr_text()[-STDERR_CHARS:],
         }
         if captured.truncated:
             output["truncated"] = True
         trace_data.update(
-            exit_code=proc.returncode,
+            exit_code=returncode,
             duration_ms=elapsed,
             timed_out=captured.timed_out,
             stdout_bytes=captured.stdout_total,
@@ -242,10 +296,10 @@ class ExecHandler(StepHandler):
             trace_data["error"] = message
             self.trace(ctx, "exec", f"exec {shown} -> timed out in {elapsed} ms", trace_data)
             raise StepTimeout(message, output=output)
-        failure = _failure(proc.returncode, output["stderr"], memory_mb)
+        failure = _failure(returncode, output["stderr"], memory_mb)
         if failure:
             trace_data["error"] = failure
-        self.trace(ctx, "exec", f"exec {shown} -> exit {proc.returncode} in {elapsed} ms", trace_data)
+        self.trace(ctx, "exec", f"exec {shown} -> exit {returncode} in {elapsed} ms", trace_data)
         if failure:
             raise StepError(failure, output=output)
         return output
@@ -505,3 +559,98 @@ def _stdin_bytes(value: Any) -> bytes | None:
     if isinstance(value, str):
         return value.encode("utf-8")
     return json.dumps(value).encode("utf-8")
+
+
+def _bwrap_returncode(code: int) -> int:
+    """bubblewrap reports a command killed by signal N as 128 + N (as shells do): undo that."""
+    if 128 < code < 128 + 65:
+        try:
+            signal.Signals(code - 128)
+        except ValueError:
+            return code
+        return -(code - 128)
+    return code
+
+
+def _init_error(returncode: int, stderr: str) -> tuple[str, bool] | None:
+    """(message, permanent) when the sandbox itself failed, not the command; else None."""
+    last = _last_line(stderr)
+    if returncode in (EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE) and last.startswith(MARKER):
+        return last[len(MARKER) :].strip(), True
+    if returncode == EXIT_SETUP and last.startswith(MARKER):
+        return f"exec sandbox unavailable: {last[len(MARKER) :].strip()}", False
+    if returncode == 1 and last.startswith("bwrap:"):
+        return f"exec sandbox unavailable: {last}", False
+    return None
+
+
+def _host_port(entry: str) -> tuple[str, int | None]:
+    """``host``, ``host:port`` or ``[v6]:port`` -> (host, port or None); ValueError when malformed."""
+    text = entry.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    host = host.strip().lower().rstrip(".")
+    if not host or any(c in host for c in "/@ ?#"):
+        raise ValueError(f"{entry!r} is not a host or host:port")
+    port = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{entry!r} has an invalid port")
+        port = int(port_text)
+    return host, port
+
+
+def _host_listed(host: str, allowed: list[str]) -> bool:
+    """True when ``allowed`` names ``host`` (``*.example.com`` matches its subdomains)."""
+    for raw in allowed:
+        entry = str(raw).strip().lower().rstrip(".")
+        if entry == "*" or entry == host or (entry.startswith("*.") and host.endswith(entry[1:])):
+            return True
+    return False
+
+
+def _network(params: dict[str, Any], iso: sandbox.Isolation) -> list[str]:
+    """The hosts a step with ``network: true`` may reach ([] = no network); permanent StepError.
+
+    Network is granted only when every declared host is on ``ORCHESTRATOR_EXEC_NETWORK_HOSTS``
+    and passes the SSRF guard of http steps (``agents.netguard.check_host``: it resolves to
+    public addresses, or the operator allow-listed it in ``ORCHESTRATOR_HTTP_ALLOW_HOSTS``).
+    The kernel does not hold the command to these hosts once it shares the worker's network
+    namespace: see the README's Sandbox section for what that means and how to firewall it.
+    """
+    if not params.get("network"):
+        return []
+    hosts = params.get("hosts")
+    if not isinstance(hosts, list) or not hosts:
+        raise StepError("network: true needs hosts: the list of hosts the command will reach", permanent=True)
+    allowed = list(getattr(settings, "ORCHESTRATOR_EXEC_NETWORK_HOSTS", None) or [])
+    if not allowed:
+        raise StepError(
+            "network: exec steps may not use the network here (ORCHESTRATOR_EXEC_NETWORK_HOSTS is empty)",
+            permanent=True,
+        )
+    if iso.mode != "bwrap":
+        raise StepError(
+            "network: needs the bubblewrap sandbox (without it the command would reach every host)", permanent=True
+        )
+    granted = []
+    for index, entry in enumerate(hosts):
+        try:
+            host, port = _host_port(str(entry))
+        except ValueError as exc:
+            raise StepError(f"hosts[{index}]: {exc}", permanent=True) from None
+        if not _host_listed(host, allowed):
+            raise StepError(f"hosts[{index}]: {host!r} is not in ORCHESTRATOR_EXEC_NETWORK_HOSTS", permanent=True)
+        try:
+            netguard.check_host(host, port)
+        except netguard.BlockedAddress as exc:
+            raise StepError(f"hosts[{index}]: {exc}", permanent=True) from None
+        except OSError as exc:
+            raise StepError(f"hosts[{index}]: {host!r} does not resolve ({exc})") from None
+        granted.append(str(entry))
+    return granted

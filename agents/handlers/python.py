@@ -9,7 +9,11 @@ Params:
     ``{callable: agents.testing.echo, x: 1}`` calls ``echo(x=1)``.
 
 A callable with a parameter named ``ctx`` also receives the :class:`~agents.registry.StepContext`
-(to watch ``ctx.deadline``, call ``ctx.trace``, or use ``ctx.idempotency_key``).
+(to watch ``ctx.deadline``, call ``ctx.trace``, or use ``ctx.idempotency_key``), with
+``ctx.work_dir`` set to the run's work directory (created on first use): a callable that
+touches files confines every path a workflow gives it there (``agents.workdir.confine``).
+Callables that write files or list folders chosen by the workflow without that confinement
+(test helpers such as ``agents.testing.flaky``) never belong on the default allow-list.
 
 Output: the return value, which must be JSON-serializable (else a permanent StepError).
 A ``StepError`` raised by the callable passes through unchanged; any other exception becomes a
@@ -28,6 +32,7 @@ from typing import Any
 
 from django.conf import settings
 
+from .. import workdir
 from ..registry import StepContext, StepError, StepHandler, is_expression, register
 
 logger = logging.getLogger(__name__)
@@ -83,6 +88,10 @@ class PythonHandler(StepHandler):
             raise StepError("kwargs must be a mapping", permanent=True)
         kwargs.update(extra)
         if _accepts_ctx(func):
+            try:
+                workdir.run_work_dir(ctx)  # the only folder the callable may touch (ctx.work_dir)
+            except OSError as exc:
+                raise StepError(f"cannot create the run's work directory: {exc}") from None
             kwargs["ctx"] = ctx
 
         try:
