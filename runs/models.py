@@ -290,3 +290,42 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Executor(models.Model):
+    """A worker outside Celery (any language) that takes steps of its queues over HTTP (seed 001).
+
+    It authenticates with ``Authorization: Bearer <token>``; only the token's sha256 is stored.
+    It sees only its tenant's steps, and only those of ``queues`` (runs/engine/executors.py).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="executors")
+    name = models.SlugField(max_length=100)
+    queues = models.JSONField(default=list, help_text="Queue names this executor may take steps of.")
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="executor_tenant_name_uniq")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.tenant.slug}: {', '.join(self.queues)})"
+
+    @staticmethod
+    def hash_token(token: str) -> str:
+        """sha256 hex of a presented token (what ``token_hash`` stores)."""
+        import hashlib
+
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, tenant: Tenant, name: str, queues: list[str]) -> tuple[Executor, str]:
+        """Create an executor; returns it and its token (shown once, never stored)."""
+        import secrets
+
+        token = "exe_" + secrets.token_urlsafe(32)
+        executor = cls.objects.create(tenant=tenant, name=name, queues=list(queues), token_hash=cls.hash_token(token))
+        return executor, token

@@ -93,8 +93,10 @@ _WORKFLOW_KEYS_SEED002 = frozenset({"id", "name", "description", "timeout", "var
 _STEP_KEYS = frozenset(
     {"id", "name", "description", "type", "params", "parameters", "depends_on", "retry", "retry_policy"}
     | {"timeout", "timeout_ms", "when", "trigger_rule", "for_each", "as", "condition", "on_success"}
-    | {"on_failure", "call", "method", "credential", "rate_limit", "concurrency"}
+    | {"on_failure", "call", "method", "credential", "rate_limit", "concurrency", "queue"}
 )
+#: An executor queue's name (step ``queue``).
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _CHILD_KEYS = frozenset(
     {"id", "name", "type", "params", "parameters", "retry", "retry_policy", "timeout", "timeout_ms"}
 )
@@ -1189,6 +1191,21 @@ class _SpecLoader:
             if value is not None:
                 flow[name] = copy.deepcopy(value)
 
+        # an executor queue: the step is done outside Celery (POST /api/v1/executors/poll)
+        if "queue" in raw:
+            queue = raw["queue"]
+            if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+                raise self.fail(
+                    f"queue: expected a name of letters, digits, '.', '_' or '-' (at most 100), got {queue!r}", sid
+                )
+            if type_name in ("condition", "parallel"):
+                raise self.fail(f"queue does not apply to {type_name} steps (the engine runs them itself)", sid)
+            if flow:
+                raise self.fail("queue: an executor's step takes no rate_limit or concurrency", sid)
+            flow["queue"] = queue
+        elif type_name == "external":
+            raise self.fail("an external step needs a `queue` its executors poll", sid)
+
         return {
             "id": sid,
             "name": self._string(raw.get("name"), "name", default=sid, step=sid),
@@ -1206,7 +1223,7 @@ class _SpecLoader:
             "on_failure": on_failure,
             "branch_of": None,
             "refs": [],
-            **flow,  # rate_limit / concurrency, present only when declared
+            **flow,  # rate_limit / concurrency / queue, present only when declared
         }
 
     def _check_for_each_at_load(self, for_each: Any, sid: str) -> None:

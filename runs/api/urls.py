@@ -6,7 +6,7 @@ from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from . import views
+from . import executors, views
 
 app_name = "api"
 
@@ -16,6 +16,7 @@ router.register("runs", views.RunViewSet, basename="run")
 router.register("templates", views.TemplateViewSet, basename="template")
 
 RUN = rf"runs/(?P<run_id>{views.UUID_PATTERN})"
+EXEC_STEP = r"executors/steps/(?P<step_pk>\d+)"
 
 urlpatterns = [
     path("", views.ApiRootView.as_view(), name="root"),
@@ -37,5 +38,14 @@ urlpatterns = [
         name="workflow-status",
     ),
     re_path(r"^dispatch/?$", views.DispatchView.as_view(), name="dispatch"),
+    # external executors (seed 001): poll, heartbeat, task_done, task_failed
+    re_path(r"^executors/poll/?$", executors.PollView.as_view(), name="executor-poll"),
+    re_path(
+        r"^executors/steps/(?P<step_pk>\d+)/heartbeat/?$", executors.HeartbeatView.as_view(), name="executor-heartbeat"
+    ),
+    re_path(
+        r"^executors/steps/(?P<step_pk>\d+)/complete/?$", executors.CompleteView.as_view(), name="executor-complete"
+    ),
+    re_path(r"^executors/steps/(?P<step_pk>\d+)/fail/?$", executors.FailView.as_view(), name="executor-fail"),
     *router.urls,
 ]

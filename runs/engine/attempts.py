@@ -227,7 +227,8 @@ def fail(
         delay = backoff_delay(retry, step.attempts)
         if retry_after is not None:
             delay = max(delay, float(retry_after))
-    countdown = delay <= conf.countdown_max
+    # a short delay rides on a Celery countdown; an executor's step waits for the sweeper instead
+    countdown = delay <= conf.countdown_max and not cascade.is_external(step.spec)
     with transaction.atomic():
         if state.lock_run(step.run_id) is None:
             return "refused"

@@ -30,6 +30,12 @@ INLINE_TYPES = frozenset({"condition"})
 GROUP_TYPES = frozenset({"parallel"})
 
 
+def is_external(spec: dict[str, Any]) -> bool:
+    """True for a step done by an executor outside Celery (``queue`` declared): it waits
+    ``queued`` for a poll (runs/engine/executors.py) and is never sent as a message."""
+    return spec.get("queue") is not None
+
+
 class Cascade:
     """Propagates finished steps through the DAG inside the current transaction (see the module)."""
 
@@ -90,8 +96,9 @@ class Cascade:
             )
         step.status = StepStatus.QUEUED
         self.batch.queue.append(step.pk)  # one UPDATE for all the steps decided in this transaction
-        self.batch.decided.append(step)
-        self.batch.enqueue.append(step.pk)
+        if not is_external(spec):
+            self.batch.decided.append(step)
+            self.batch.enqueue.append(step.pk)
         self.batch.trace(self.run.pk, TraceKind.STATE, f"step '{step.step_id}' queued", step_pk=step.pk)
         return None
 
@@ -182,7 +189,9 @@ class Cascade:
             )
             for i, (child_spec, item) in enumerate(children_specs)
         ]
-        self.batch.enqueue.extend(state.expand(step, children))
+        child_ids = state.expand(step, children)
+        if not is_external(spec):
+            self.batch.enqueue.extend(child_ids)
         self.batch.trace(
             self.run.pk,
             TraceKind.DECISION,

@@ -314,7 +314,8 @@ def reset_for_retry(
         for step_id, kids in partial.items():
             for child in kids:
                 state.requeue_child(child, base_attempts=_base_attempts(child), at=at)
-                requeue.append(child.pk)
+                if not cascade.is_external(child.spec):
+                    requeue.append(child.pk)
             state.reopen_parent(by_id[step_id])
 
         timeout = run.spec.get("timeout")

@@ -216,11 +216,13 @@ def recover_dead_holders(step_pks: Iterable[int] | None = None) -> int:
 
 
 def _enqueue_by_priority(step_pks: list[Any]) -> None:
-    """Send steps re-queued by the sweeper, each with its run's priority."""
+    """Send steps re-queued by the sweeper, each with its run's priority (external steps are
+    left for their executors' polls)."""
     if not step_pks:
         return
     by_priority: dict[int, list[int]] = {}
-    for pk, priority in Step.objects.filter(pk__in=step_pks).values_list("pk", "run__priority"):
-        by_priority.setdefault(priority, []).append(pk)
+    for pk, priority, spec in Step.objects.filter(pk__in=step_pks).values_list("pk", "run__priority", "spec"):
+        if not cascade.is_external(spec):  # executors poll for theirs
+            by_priority.setdefault(priority, []).append(pk)
     for priority in sorted(by_priority):
         broker.enqueue_steps(by_priority[priority], priority=priority)
