@@ -267,7 +267,7 @@ ORCHESTRATOR_MAX_SPEC_BYTES = env_int("ORCHESTRATOR_MAX_SPEC_BYTES", 1_000_000)
 #: Extra folders of YAML files loaded by `load_templates` with no argument.
 ORCHESTRATOR_TEMPLATE_DIRS = env_list("ORCHESTRATOR_TEMPLATE_DIRS")
 
-# --- Triggers and flow control (scheduler/, agents/: docs/readme/flow-control.md) ----------
+# --- Triggers and flow control (scheduler/, runs/engine/gate/; README: Triggers and flow control) ---
 #: Concurrent runs per tenant when the admin sets no `tenant:<slug>` concurrency limit; runs over
 #: it wait as `pending`. Seed 002's MAX_CONCURRENT_WORKFLOWS is read too; 0 = no limit.
 ORCHESTRATOR_MAX_CONCURRENT_RUNS = env_int("ORCHESTRATOR_MAX_CONCURRENT_RUNS", env_int("MAX_CONCURRENT_WORKFLOWS", 0))

@@ -206,7 +206,8 @@ class Attempt(models.Model):
     """One try of a step, written when the step is claimed and closed when the try ends."""
 
     step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="attempt_rows")
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempts")
+    # `run.attempt_rows` like `step.attempt_rows` (`step.attempts` is the count of tries)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="attempt_rows")
     number = models.PositiveIntegerField()
     worker = models.CharField(max_length=200, blank=True)
     lease_token = models.UUIDField()

@@ -211,7 +211,7 @@ def test_run_graph_and_timeline_update_live(page, admin_user):
 
     # and the timeline has one bar per attempt, the sleep's bar about 2 s long
     labels = page.evaluate("() => Chart.getChart('run-timeline').data.labels")
-    assert len(labels) == run.attempts.count() == 8  # fetch, 5 items, audit, report
+    assert len(labels) == run.attempt_rows.count() == 8  # fetch, 5 items, audit, report
     assert {"fetch #1", "audit #1", "report #1"} <= set(labels)
     assert sum(1 for label in labels if label.startswith("square[")) == 5
     bars = page.evaluate("() => Chart.getChart('run-timeline').data.datasets[0].data")

@@ -237,3 +237,28 @@ def test_outsider_cannot_operate_runs(worker, owner, outsider, verb):
     response = api_client_for(outsider).post(f"{API}/runs/{run_id}/{verb}")
     assert response.status_code == 404
     assert Run.objects.count() == 1 and Run.objects.get(pk=run_id).status == "succeeded"
+
+
+# --- the batch path -------------------------------------------------------------------------------
+
+
+def test_batch_starts_many_runs_in_one_transaction_or_none(worker, owner_api, chain_template):
+    from runs.models import Run
+
+    url = "/api/v1/runs/batch"
+    # one bad item: a 400 that names it, and nothing started
+    bad = owner_api.post(
+        url, {"template": "chain", "runs": [{"variables": {"n": 1}}, {"variables": {}}]}, format="json"
+    )
+    assert bad.status_code == 400 and "runs[1]" in bad.json()["detail"], bad.content
+    assert not Run.objects.filter(template_key="chain").exists()
+    too_many = owner_api.post(url, {"template": "chain", "runs": [{"variables": {"n": 1}}] * 1001}, format="json")
+    assert too_many.status_code == 400
+    # three good ones: 201, in request order, each running to the end
+    body = {"template": "chain", "runs": [{"variables": {"n": i}, "correlation_id": f"b-{i}"} for i in range(3)]}
+    response = owner_api.post(url, body, format="json")
+    assert response.status_code == 201, response.content
+    ids = [item["id"] for item in response.json()["runs"]]
+    assert [Run.objects.get(pk=i).correlation_id for i in ids] == ["b-0", "b-1", "b-2"]
+    assert all(wait_for_run(i).status == "succeeded" for i in ids)
+    assert {Run.objects.get(pk=i).tenant_id for i in ids} == {"acme"}

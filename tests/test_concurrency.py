@@ -396,3 +396,45 @@ def test_limit_rows_are_for_superusers_only(client, owner):
     client.force_login(owner)
     assert client.get("/admin/agents/ratelimit/").status_code == 403
     assert client.get("/admin/agents/concurrencylimit/").status_code == 403
+
+
+# --- keys are scoped to the tenant that declares them (issue 10) --------------------------------------
+
+
+def test_a_workflow_cannot_reach_another_tenants_limits(db):
+    from runs.engine.gate import ratelimit
+
+    # given tenant tb's run limit and rate-limit bucket (an admin's rows)
+    ConcurrencyLimit.objects.create(key="tenant:tb", limit=5, managed_by=ManagedBy.ADMIN)
+    ratelimit.take(ratelimit.Bucket("tb/api", capacity=10, refill_rate=1.0))
+    # when a workflow of tenant ta names them as its own keys, with other numbers
+    hostile = (
+        "key: hostile\nsteps:\n"
+        "  - {id: a, type: noop, concurrency: {key: 'tenant:tb', limit: 1}}\n"
+        "  - {id: b, type: noop, rate_limit: {key: 'tb/api', capacity: 1, rate: 1/h}}\n"
+    )
+    run = start(hostile, tenant_id="ta")
+    for step in Step.objects.filter(run=run).order_by("id"):
+        assert engine.execute_step(step.pk) == "succeeded"
+    # then it got keys of its own, and tb's rows are untouched
+    assert ConcurrencyLimit.objects.get(key="tenant:tb").limit == 5
+    assert ConcurrencyLimit.objects.get(key="ta/tenant:tb").limit == 1
+    from agents.models import RateLimit
+
+    tb = RateLimit.objects.get(key="tb/api")
+    assert (tb.capacity, tb.refill_rate) == (10, 1.0)
+    assert RateLimit.objects.filter(key="ta/tb/api").exists()
+
+
+def test_global_keys_are_the_admins_only(db):
+    # a workflow may use a deployment-wide key an admin created, never create or change one
+    run = start("key: g\nsteps:\n  - {id: a, type: noop, concurrency: {key: 'global:gpu', limit: 9}}\n")
+    step = run.steps.get()
+    assert engine.execute_step(step.pk) == "failed"
+    step.refresh_from_db()
+    assert "concurrency key 'global:gpu' has no limit" in step.error
+    assert not ConcurrencyLimit.objects.filter(key="global:gpu").exists()
+    ConcurrencyLimit.objects.create(key="global:gpu", limit=2, managed_by=ManagedBy.ADMIN)
+    run = start("key: g\nsteps:\n  - {id: a, type: noop, concurrency: {key: 'global:gpu', limit: 9}}\n")
+    assert engine.execute_step(run.steps.get().pk) == "succeeded"
+    assert ConcurrencyLimit.objects.get(key="global:gpu").limit == 2  # the declared 9 was ignored

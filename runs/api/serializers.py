@@ -54,6 +54,36 @@ class RunCreateSerializer(serializers.Serializer):
     )
 
 
+class BatchRunItemSerializer(serializers.Serializer):
+    """One run of ``POST /api/v1/runs/batch``."""
+
+    variables = VariablesField(help_text="Workflow variables by name.")
+    correlation_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    priority = serializers.IntegerField(min_value=0, max_value=9, default=5)
+    idempotency_key = serializers.CharField(max_length=200, required=False, allow_blank=False)
+
+
+class BatchRunCreateSerializer(serializers.Serializer):
+    """``POST /api/v1/runs/batch``: many runs of one template, started in one transaction."""
+
+    template = serializers.RegexField(_KEY, max_length=200, help_text="Template key.")
+    version = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=2**31 - 1)
+    runs = BatchRunItemSerializer(many=True, help_text="At most 1000.")
+
+    def validate_runs(self, value: list) -> list:
+        from ..services import MAX_BATCH_RUNS
+
+        if not value:
+            raise serializers.ValidationError("give at least one run")
+        if len(value) > MAX_BATCH_RUNS:
+            raise serializers.ValidationError(f"{len(value)} runs, at most {MAX_BATCH_RUNS} per batch")
+        return value
+
+
+class BatchRunResultSerializer(serializers.Serializer):
+    runs = serializers.ListField(child=serializers.DictField(), help_text="[{id, status}] in request order")
+
+
 class WorkflowCreateSerializer(serializers.Serializer):
     """Seed 002's ``POST /api/v1/workflows``."""
 

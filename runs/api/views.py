@@ -172,6 +172,32 @@ class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
         return self._detail(run, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(
+        summary="Start many runs of one template at once",
+        description=(
+            "Up to 1000 runs, each with its variables (and correlation id, priority, idempotency key), "
+            "started in one transaction. One bad item is a 400 naming it, and nothing is started."
+        ),
+        request=s.BatchRunCreateSerializer,
+        parameters=[TENANT_PARAMETER],
+        responses={201: s.BatchRunResultSerializer, **ERRORS},
+    )
+    @action(detail=False, methods=["post"])
+    def batch(self, request: Request) -> Response:
+        body = s.BatchRunCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        runs = services.create_runs(
+            tenant=self.tenant.slug,
+            template_key=data["template"],
+            version=data.get("version"),
+            items=[dict(item) for item in data["runs"]],
+            user_id=request.user.get_username(),
+        )
+        return Response(
+            {"runs": [{"id": str(run.pk), "status": run.status} for run in runs]}, status=status.HTTP_201_CREATED
+        )
+
+    @extend_schema(
         summary="Cancel a run",
         description="Pending and queued steps are cancelled; the Celery tasks of running steps are revoked.",
         request=None,

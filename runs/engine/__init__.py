@@ -4,6 +4,7 @@ The public verbs (everything else in this package is internal):
 
 =========================== =====================================================================
 ``start_run``               create a run's rows and queue its roots (lifecycle)
+``start_runs``              many runs of one spec in one transaction (the batch path)
 ``execute_step``            claim, run and record one step: the Celery task's body (worker)
 ``sweep``                   one recovery pass (sweeper)
 ``cancel_run``              stop an active run: steps cancelled, late completions refused
@@ -32,7 +33,7 @@ from .attempts import backoff_delay
 from .broker import enqueue_steps
 from .cascade import admit_waiting_runs, decide_pending
 from .context import build_context
-from .lifecycle import cancel_run, expire_run, limit_changed, reset_for_retry, start_run, wake_steps
+from .lifecycle import cancel_run, expire_run, limit_changed, reset_for_retry, start_run, start_runs, wake_steps
 from .sweeper import recover_dead_holders, sweep
 from .worker import execute_step
 
@@ -49,6 +50,7 @@ __all__ = [
     "recover_dead_holders",
     "reset_for_retry",
     "start_run",
+    "start_runs",
     "sweep",
     "wake_steps",
 ]
