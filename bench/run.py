@@ -152,6 +152,10 @@ def truncate() -> None:
 
     from runs.models import Attempt, Run, Step, Trace
 
+    if connection.vendor != "postgresql":  # the embedded default (bench/embedded.py)
+        for model in (Trace, Attempt, Step, Run):
+            model.objects.all()._raw_delete(connection.alias)
+        return
     tables = ", ".join(m._meta.db_table for m in (Trace, Attempt, Step, Run))
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {tables} CASCADE")
@@ -168,7 +172,9 @@ def run_platform(workload: Workload, spec: dict) -> tuple[float, int]:
     key = f"bench-{uuid.uuid4().hex[:12]}"
     inputs = {"items": list(range(workload.for_each))} if workload.for_each else {}
     started = time.time()
-    for _ in range(workload.runs):
+    if workload.runs > 1:  # the batch path: all the runs in one transaction (POST /api/v1/runs/batch)
+        engine.start_runs(spec, [{"inputs": inputs, "correlation_id": key}] * workload.runs)
+    else:
         engine.start_run(spec, inputs, correlation_id=key)
     deadline = time.time() + 900
     active = Run.objects.filter(correlation_id=key, status__in=list(RUN_ACTIVE))
@@ -218,6 +224,7 @@ class Result:
     raw: list[float] = field(default_factory=list)
     rss_platform: float = 0.0
     rss_raw: float = 0.0
+    embedded: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -228,18 +235,43 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def embedded_cell(res: Result) -> str:
+    if not res.embedded:
+        return "-"
+    seconds = statistics.median(res.embedded)
+    return f"{spread(res.embedded)} ({seconds / statistics.median(res.raw):.2f})"
+
+
+def run_embedded(names: list[str], reps: int, concurrency: int) -> dict[str, list[float]]:
+    """The same workloads on the embedded default (bench/embedded.py in a process of its own:
+    SQLite, memory broker, a thread-pool worker inside the process). Returns walls by workload."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-embedded-") as folder:
+        out = Path(folder) / "walls.json"
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+        env.update(ORCHESTRATOR_DATA_DIR=folder, BENCH_DATABASE_URL=f"sqlite:///{folder}/bench.sqlite3")
+        env.update(CELERY_BROKER_URL="memory://localhost/", ORCHESTRATOR_EMBEDDED_CONCURRENCY=str(concurrency))
+        cmd = [sys.executable, str(ROOT / "bench" / "embedded.py"), "--only", ",".join(names), "--reps", str(reps)]
+        done = subprocess.run([*cmd, "--json", str(out)], env=env, cwd=ROOT)
+        if done.returncode != 0 or not out.exists():
+            print("embedded default: failed (see above)", flush=True)
+            return {}
+        return json.loads(out.read_text())
+
+
 def table(results: list[Result]) -> str:
     head = (
         "| workload | steps | platform s, median (min-max) | raw Celery s, median (min-max) | "
-        "platform steps/s | raw steps/s | ratio | peak RSS platform / raw (MB) |"
+        "platform steps/s | raw steps/s | ratio | peak RSS platform / raw (MB) | embedded default s (ratio) |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for res in results:
         w = res.workload
         lines.append(
             f"| {w.name} {w.title} | {w.steps} | {spread(res.platform)} | {spread(res.raw)} | "
             f"{w.steps / statistics.median(res.platform):.0f} | {w.steps / statistics.median(res.raw):.0f} | "
-            f"{res.ratio:.2f} | {res.rss_platform:.0f} / {res.rss_raw:.0f} |"
+            f"{res.ratio:.2f} | {res.rss_platform:.0f} / {res.rss_raw:.0f} | {embedded_cell(res)} |"
         )
     return "\n".join(lines)
 
@@ -251,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes per side (default 2)")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     parser.add_argument("--py-spy", default="", help="record the platform worker with py-spy into this folder")
+    parser.add_argument(
+        "--no-embedded", action="store_true", help="skip the embedded default's row (SQLite, in-process worker)"
+    )
     args = parser.parse_args(argv)
 
     ensure_database(os.environ["DATABASE_URL"])
@@ -318,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         for queue in (settings.CELERY_TASK_DEFAULT_QUEUE, os.environ["BENCH_RAW_QUEUE"]):
             r.delete(queue)
 
+    if not args.no_embedded:
+        embedded = run_embedded([res.workload.name for res in results], args.reps, args.concurrency)
+        for res in results:
+            res.embedded = embedded.get(res.workload.name, [])
     print()
     print(f"{args.concurrency} worker processes per side, {args.reps} repetitions, {os.cpu_count()} CPUs")
     print(table(results))

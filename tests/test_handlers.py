@@ -77,7 +77,7 @@ def allow(settings):
 
 
 def test_all_types_registered():
-    assert handler_types() == {"http", "llm", "exec", "python", "noop", "sleep", "condition", "parallel"}
+    assert handler_types() == {"http", "llm", "exec", "python", "noop", "sleep", "condition", "parallel", "external"}
 
 
 @pytest.mark.parametrize(
