@@ -194,6 +194,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "sep": ":",
     "queue_order_strategy": "priority",
 }
+if ORCHESTRATOR_EMBEDDED:
+    # kombu's in-memory transport polls its queues every `polling_interval` seconds (1.0 by
+    # default): a message waited up to a second for the worker thread, which made the embedded
+    # default take 0.2 s per step on W4 (bench/embedded.py). The queues are in-process: poll often.
+    CELERY_BROKER_TRANSPORT_OPTIONS["polling_interval"] = 0.01
 #: Messages sent without a priority (system tasks, sweeper re-sends) go to the middle level.
 CELERY_TASK_DEFAULT_PRIORITY = 5
 
