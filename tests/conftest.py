@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_server import AgentServer
+from tests.llm_server import ScriptedLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
@@ -42,6 +43,21 @@ def agent_server():
     server = AgentServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def _llm_server_session():
+    server = ScriptedLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm_server(_llm_server_session):
+    """The scripted OpenAI-compatible server (tests/llm_server.py), reset for this test."""
+    _llm_server_session.reset()
+    yield _llm_server_session
+    _llm_server_session.reset()
 
 
 @pytest.fixture(scope="session")
