@@ -374,3 +374,40 @@ WHITENOISE_USE_FINDERS = True
 Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one
 #: Seconds the admin dashboard waits for Celery workers to answer a ping.
 ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)
+
+# --- LLM router, token budgets, local model (issue 8 sections 1-2: agents/llm/) ---------------------
+#: Seed 000's names work as printed: LLM_BASE_URL / LLM_MODEL (read above as the aliases of
+#: ORCHESTRATOR_LLM_BASE_URL / ORCHESTRATOR_LLM_MODEL) and LLM_API_KEY here.
+ORCHESTRATOR_LLM_API_KEY = ORCHESTRATOR_LLM_API_KEY or env_str("LLM_API_KEY")
+#: How the main provider takes structured output: `openai` (json_schema) or `llamacpp`
+#: (json_object + schema, for llama-cpp-python's server).
+ORCHESTRATOR_LLM_KIND = env_str("ORCHESTRATOR_LLM_KIND", env_str("LLM_KIND", "openai")).lower()
+if ORCHESTRATOR_LLM_KIND not in ("openai", "llamacpp"):
+    raise ImproperlyConfigured(f"ORCHESTRATOR_LLM_KIND: expected openai or llamacpp, got {ORCHESTRATOR_LLM_KIND!r}")
+#: Gemini as a fallback through its OpenAI-compatible endpoint (seed 000): registered when a key is
+#: set, unless GEMINI_ENABLED=false. ORCHESTRATOR_LLM_GEMINI_* are aliases.
+GEMINI_API_KEY = env_str("GEMINI_API_KEY", env_str("ORCHESTRATOR_LLM_GEMINI_API_KEY"))
+GEMINI_ENABLED = env_bool("GEMINI_ENABLED", env_bool("ORCHESTRATOR_LLM_GEMINI_ENABLED", bool(GEMINI_API_KEY)))
+GEMINI_MODEL = env_str("GEMINI_MODEL", env_str("ORCHESTRATOR_LLM_GEMINI_MODEL", "gemini-2.0-flash"))
+GEMINI_BASE_URL = env_str(
+    "GEMINI_BASE_URL",
+    env_str("ORCHESTRATOR_LLM_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com/v1beta/openai/"),
+)
+#: Seconds an LLM call may take over all its providers when the caller gives no timeout.
+ORCHESTRATOR_LLM_TIMEOUT = env_float("ORCHESTRATOR_LLM_TIMEOUT", 120.0)
+#: Largest max_tokens a call may ask for.
+ORCHESTRATOR_LLM_MAX_TOKENS_CAP = env_int("ORCHESTRATOR_LLM_MAX_TOKENS_CAP", 32768)
+#: Circuit breaker per provider (state in the database, shared by all workers): consecutive
+#: failures that open it, and seconds it stays open before one probe call is let through.
+ORCHESTRATOR_LLM_BREAKER_FAILURES = env_int("ORCHESTRATOR_LLM_BREAKER_FAILURES", 3)
+ORCHESTRATOR_LLM_BREAKER_COOLDOWN = env_float("ORCHESTRATOR_LLM_BREAKER_COOLDOWN", 30.0)
+#: Seconds a call's budget reservation is held at most (a worker killed mid-call frees it then).
+ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS = env_float("ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS", 900.0)
+#: Seconds a `wait` budget waits when only calls in flight (not spent tokens) fill it.
+ORCHESTRATOR_LLM_BUDGET_RECHECK = env_float("ORCHESTRATOR_LLM_BUDGET_RECHECK", 5.0)
+
+# --- Documented settings read from the environment (issue 8 section 4) ------------------------------
+#: Where seed 002 `data` tasks without url/call are POSTed.
+ORCHESTRATOR_DATA_SERVICE_URL = env_str("ORCHESTRATOR_DATA_SERVICE_URL")
+#: Largest http step response body kept, bytes.
+ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES = env_int("ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES", 10_000_000)

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetExceeded, BudgetWait, LLMError, LLMSchemaError
+from .errors import BudgetExceeded, BudgetWait, LLMError, LLMSchemaError, LLMTimeout
 
 __all__ = [
     "BudgetExceeded",
@@ -47,6 +47,7 @@ __all__ = [
     "LLMError",
     "LLMResult",
     "LLMSchemaError",
+    "LLMTimeout",
     "complete",
 ]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import StepError
+from ..registry import StepError, StepTimeout
 
-__all__ = ["BudgetExceeded", "BudgetWait", "LLMError", "LLMSchemaError"]
+__all__ = ["BudgetExceeded", "BudgetWait", "LLMError", "LLMSchemaError", "LLMTimeout"]
 
 
 class LLMError(StepError):
@@ -44,6 +44,15 @@ class LLMError(StepError):
         if code is not None:
             self.code = code
         self.failures = list(failures or [])
+
+
+class LLMTimeout(LLMError, StepTimeout):
+    """Every provider tried timed out (or no time was left): transient, code ``timeout``.
+
+    Also a :class:`agents.registry.StepTimeout`, so the attempt is recorded as timed out.
+    """
+
+    code = "timeout"
 
 
 class LLMSchemaError(LLMError):
