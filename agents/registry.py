@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "StepContext",
+    "StepDeferred",
     "StepError",
     "StepHandler",
     "StepTimeout",
@@ -84,6 +85,31 @@ class StepError(Exception):
 
 class StepTimeout(StepError):
     """A step attempt ran out of time (transient by default: the next attempt may be faster)."""
+
+
+class StepDeferred(Exception):
+    """The step cannot run yet and should wait, WITHOUT spending an attempt.
+
+    Raised by a handler when a policy (not a failure) says wait: e.g. an ``llm`` step whose tenant's
+    token budget (policy ``wait``) is full until its window resets. The engine turns it into a
+    throttle: the step goes back to ``retry_wait`` for ``seconds`` and the attempt is not counted
+    against ``max_attempts``.
+
+    Attributes:
+        seconds: how long to wait before trying again, seconds (> 0).
+        reason: one line for the step's trace and error field (never contains secrets).
+    """
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = float(seconds)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seconds={self.seconds!r}, reason={self.reason!r})"
 
 
 def _no_trace(kind: str, message: str, data: dict[str, Any] | None = None) -> None:

@@ -44,7 +44,7 @@ class Provider:
         kind: ``openai`` or ``llamacpp`` (structured-output dialect).
         priority: lower is tried first.
         tags: e.g. ``("planning",)``.
-        source: ``deployment`` or ``tenant``.
+        source: ``deployment``, ``tenant``, or ``step`` (an ``llm`` step's own ``base_url``).
         api_key_setting: deployment providers: the Django setting holding the key ("" = none).
         credential_alias: tenant providers: the tenant credential holding the key ("" = none).
         tenant_id: tenant providers: the owner.
@@ -66,6 +66,8 @@ class Provider:
         """The key of this provider's circuit breaker row (``agents.models.LLMCircuit``)."""
         if self.source == "tenant":
             return f"tenant:{self.tenant_id}:{self.name}"[:255]
+        if self.source == "step":
+            return f"step:{self.base_url.rstrip('/')}"[:255]
         return f"deployment:{self.name}"
 
 

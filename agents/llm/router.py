@@ -24,6 +24,7 @@ from typing import Any
 import openai
 from django.conf import settings
 
+from ..credentials import CredentialError
 from ..httpclient import get_client, parse_retry_after
 from ..redaction import known_secrets, redact, register_secret
 from . import breaker, budgets, structured
@@ -87,11 +88,19 @@ def complete(
     tag: str | None = None,
     model: str | None = None,
     timeout: float | None = None,
+    providers: list[Provider] | None = None,
+    json_mode: bool = False,
 ):
-    """See :func:`agents.llm.complete` (the documented entry point)."""
+    """See :func:`agents.llm.complete` (the documented entry point).
+
+    Two more arguments for the ``llm`` step handler: ``providers`` replaces the tenant's list (a
+    step's own ``base_url``), ``json_mode`` asks for any JSON (``{"type": "json_object"}``) and
+    parses it into ``parsed`` when no schema is given.
+    """
     _check_args(messages, max_tokens, temperature, timeout, tools, schema, schema_name)
     tenant_id = tenant_id or "default"
-    providers = providers_for(tenant_id, tag)
+    if providers is None:
+        providers = providers_for(tenant_id, tag)
     if not providers:
         raise LLMError(
             "no LLM provider configured: set LLM_BASE_URL (or ORCHESTRATOR_LLM_BASE_URL), GEMINI_API_KEY, "
@@ -113,11 +122,12 @@ def complete(
             temperature=temperature,
             model=model,
             timeout=float(timeout if timeout is not None else getattr(settings, "ORCHESTRATOR_LLM_TIMEOUT", 120.0)),
+            json_mode=json_mode,
         )
         charged = int(result.usage.get("total_tokens") or 0)
-        if schema is not None:
+        if schema is not None or json_mode:
             try:
-                result.parsed = structured.parse_and_validate(result.content, schema)
+                result.parsed = structured.parse_and_validate(result.content, schema or {})
             except LLMSchemaError as exc:
                 exc.result = result
                 count_request(result.provider, "schema_invalid")
@@ -127,8 +137,9 @@ def complete(
         budgets.settle(reservation, charged)
 
 
-def _client(provider: Provider, timeout: float) -> openai.OpenAI:
-    """An SDK client for ``provider`` (no SDK retries; the thread's guarded httpx client)."""
+def _client(provider: Provider, timeout: float) -> tuple[openai.OpenAI, dict[str, Any]]:
+    """An SDK client for ``provider`` (no SDK retries; the thread's guarded httpx client), and the
+    extra headers of each request (no ``Authorization`` at all for a provider without a key)."""
     api_key = ""
     headers: dict[str, str] = {}
     query: dict[str, str] = {}
@@ -143,18 +154,21 @@ def _client(provider: Provider, timeout: float) -> openai.OpenAI:
         if auth.startswith("Bearer "):
             api_key = auth[len("Bearer ") :]
             headers.pop("Authorization")
+    extra: dict[str, Any] = {}
     if api_key:
         register_secret(api_key)
-    return openai.OpenAI(
+    elif "Authorization" not in headers:
+        extra["Authorization"] = openai.Omit()  # a keyless provider gets no Authorization header
+    client = openai.OpenAI(
         base_url=provider.base_url,
-        # the SDK insists on a key; a keyless local server ignores this one
-        api_key=api_key or "no-key",
+        api_key=api_key or "unused",  # the SDK insists on one; omitted from requests above
         max_retries=0,
         timeout=timeout,
         http_client=get_client(),
         default_headers=headers or None,
         default_query=query or None,
     )
+    return client, extra
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
@@ -178,6 +192,8 @@ def _is_context_length(exc: openai.APIStatusError) -> bool:
 def _error_message(exc: openai.APIStatusError) -> str:
     """The provider's own error message (``{"error": {"message"}}``), else the SDK's text."""
     body = exc.body
+    if isinstance(body, str) and body.strip():
+        return body
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
@@ -203,6 +219,7 @@ def _route(
     temperature: float,
     model: str | None,
     timeout: float,
+    json_mode: bool = False,
 ):
     from . import LLMResult
 
@@ -240,11 +257,18 @@ def _route(
         }
         if schema is not None:
             request["response_format"] = structured.response_format(schema, schema_name, provider.kind)
+        elif json_mode:
+            request["response_format"] = {"type": "json_object"}
         if tools:
             request["tools"] = tools
         started = time.monotonic()
         try:
-            response = _client(provider, left).chat.completions.create(**request)
+            client, extra_headers = _client(provider, left)
+            response = client.chat.completions.create(**request, extra_headers=extra_headers or None)
+        except CredentialError as exc:  # the tenant's key alias is missing or not for this host
+            _fail(provider, entry, failures, "refused", _one_line(exc), started)
+            kinds.add("other")
+            continue
         except openai.APITimeoutError:
             reason = f"timed out after {left:.3g} s"
             _fail(provider, entry, failures, "timeout", reason, started)
@@ -277,6 +301,9 @@ def _route(
                 reason = f"HTTP {status}: {detail}"
                 _fail(provider, entry, failures, "server_error", reason, started, status)
                 breaker.record_failure(provider.breaker_key, reason)
+                wait = _retry_after(exc) if status == 503 else None
+                if wait is not None:  # RFC 9110: a 503 may say when to come back
+                    waits.append(wait)
                 kinds.add("other")
                 continue
             if _is_context_length(exc):
