@@ -31,7 +31,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from .errors import BudgetExceeded, BudgetWait
@@ -81,11 +81,13 @@ def _models():
 
 
 def _roll(budget_id: int, start: dt.datetime) -> None:
-    """Start a new window when the stored one is over (``used`` back to 0; holds in flight stay)."""
+    """Start a new window when the stored one is over (``used`` back to 0; holds in flight stay).
+
+    A budget never used yet (no window) starts its first window keeping ``used`` as the operator set it.
+    """
     TokenBudget, _ = _models()
-    TokenBudget.objects.filter(pk=budget_id).filter(Q(window_start__isnull=True) | Q(window_start__lt=start)).update(
-        used=0, window_start=start
-    )
+    TokenBudget.objects.filter(pk=budget_id, window_start__isnull=True).update(window_start=start)
+    TokenBudget.objects.filter(pk=budget_id, window_start__lt=start).update(used=0, window_start=start)
 
 
 def _release(budget_id: int, hold_id: int, charge: int) -> None:
@@ -130,8 +132,8 @@ def reserve(tenant_id: str, tokens: int) -> Reservation:
             _release_expired(budget.pk, now)
             if tokens > budget.limit:
                 raise BudgetExceeded(
-                    f"budget_exceeded: this call needs {tokens} tokens, more than tenant {tenant_id!r}'s whole "
-                    f"{budget.period} budget of {budget.limit}",
+                    f"budget_exceeded: this call needs {tokens} tokens, more than the whole {budget.period} "
+                    f"budget of tenant {tenant_id!r} ({budget.limit})",
                     budget_id=budget.pk,
                     period=budget.period,
                     limit=budget.limit,
