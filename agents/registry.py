@@ -36,6 +36,7 @@ __all__ = [
     "StepHandler",
     "StepTimeout",
     "canonical_type",
+    "dry_run",
     "get_handler",
     "handler_types",
     "is_expression",
@@ -226,6 +227,14 @@ _instances: dict[str, StepHandler] = {}
 _lock = threading.RLock()
 _loaded = False
 
+#: Dry runs (``templates_app.generation.dryrun``): a function ``canonical type -> StepHandler | None``
+#: that :func:`get_handler` asks first, so the real engine runs a workflow with side-effecting
+#: handlers replaced by stubs. A context variable: only the code inside ``dry_run.set(...)`` (one
+#: thread, one request) sees the stubs; workers and other requests never do.
+dry_run: contextvars.ContextVar[Callable[[str], StepHandler | None] | None] = contextvars.ContextVar(
+    "dry_run", default=None
+)
+
 
 def register(cls: H) -> H:
     """Class decorator: register ``cls`` under its ``type_name`` and ``aliases``.
@@ -287,8 +296,16 @@ def canonical_type(name: str) -> str:
 
 
 def get_handler(type_name: str) -> StepHandler:
-    """The (cached, shared) handler instance for a type or alias; KeyError when unknown."""
+    """The (cached, shared) handler instance for a type or alias; KeyError when unknown.
+
+    Inside a dry run (:data:`dry_run` set) the stub it returns for the type, if any.
+    """
     canonical = canonical_type(type_name)
+    stubs = dry_run.get()
+    if stubs is not None:
+        stub = stubs(canonical)
+        if stub is not None:
+            return stub
     handler = _instances.get(canonical)
     if handler is None:
         with _lock:

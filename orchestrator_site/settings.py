@@ -411,3 +411,15 @@ ORCHESTRATOR_LLM_BUDGET_RECHECK = env_float("ORCHESTRATOR_LLM_BUDGET_RECHECK", 5
 ORCHESTRATOR_DATA_SERVICE_URL = env_str("ORCHESTRATOR_DATA_SERVICE_URL")
 #: Largest http step response body kept, bytes.
 ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES = env_int("ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES", 10_000_000)
+
+# --- Workflow generation from plain language (issue 8 section 3: templates_app/generation/) ----------
+#: Repair rounds after the first answer of the model (each sends the loader's or dry run's errors back).
+ORCHESTRATOR_GENERATE_REPAIR_ROUNDS = env_int("ORCHESTRATOR_GENERATE_REPAIR_ROUNDS", 2)
+if not 0 <= ORCHESTRATOR_GENERATE_REPAIR_ROUNDS <= 10:
+    raise ImproperlyConfigured("ORCHESTRATOR_GENERATE_REPAIR_ROUNDS: expected 0..10")
+#: Longest prompt accepted, characters.
+ORCHESTRATOR_GENERATE_MAX_PROMPT = env_int("ORCHESTRATOR_GENERATE_MAX_PROMPT", 4000)
+#: max_tokens of each model answer (reserved on the tenant's token budgets before the call).
+ORCHESTRATOR_GENERATE_MAX_TOKENS = env_int("ORCHESTRATOR_GENERATE_MAX_TOKENS", 4096)
+#: Seconds one model call may take (over all providers).
+ORCHESTRATOR_GENERATE_LLM_TIMEOUT = env_float("ORCHESTRATOR_GENERATE_LLM_TIMEOUT", 120.0)

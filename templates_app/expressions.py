@@ -29,6 +29,7 @@ Compiled expressions are cached (``functools.lru_cache``): the engine evaluates 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import re
@@ -87,8 +88,34 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             try:
                 return obj[attribute]
             except (KeyError, TypeError):
-                pass
+                if _is_open_placeholder(obj):
+                    return placeholder(f"{obj[PLACEHOLDER_KEY]}.{attribute}")
         return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if _is_open_placeholder(obj) and isinstance(argument, (str, int)) and argument not in obj:
+            return placeholder(f"{obj[PLACEHOLDER_KEY]}[{argument!r}]")
+        return super().getitem(obj, argument)
+
+
+#: Key of a dry-run placeholder: a JSON object ``{"$placeholder": "<where it stands>"}`` that a
+#: stubbed step returns for a value whose shape nobody declared (an HTTP body, a callable's
+#: result). Only while :data:`open_placeholders` is true does any key of it resolve (to a
+#: placeholder again), so a dry run does not fail on what it cannot know; elsewhere it is a
+#: plain mapping.
+PLACEHOLDER_KEY = "$placeholder"
+
+#: True inside a dry run (templates_app.generation.dryrun): placeholders answer every key.
+open_placeholders: contextvars.ContextVar[bool] = contextvars.ContextVar("open_placeholders", default=False)
+
+
+def placeholder(where: str) -> dict[str, str]:
+    """A dry-run placeholder for an unknown value found at ``where`` (``steps.fetch.output.body``)."""
+    return {PLACEHOLDER_KEY: where[:200]}
+
+
+def _is_open_placeholder(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and PLACEHOLDER_KEY in obj and open_placeholders.get()
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
