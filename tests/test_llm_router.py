@@ -320,3 +320,17 @@ def test_metrics_count_requests_and_tokens(routed, settings, client):
     assert delta("orchestrator_llm_requests_total", provider="fallback-1", status="ok") == 1
     assert delta("orchestrator_llm_tokens_total", tenant="metered", provider="fallback-1", kind="prompt") == 11
     assert delta("orchestrator_llm_tokens_total", tenant="metered", provider="fallback-1", kind="completion") == 5
+
+
+def test_a_key_echoed_by_a_provider_never_reaches_the_error(routed, settings):
+    settings.ORCHESTRATOR_LLM_BASE_URL = closed_port_url()
+    settings.GEMINI_API_KEY = "gm-CANARY-0b9e1d"
+    settings.GEMINI_ENABLED = True
+    settings.GEMINI_BASE_URL = routed.url
+    routed.script(Reply(status=401, error={"error": {"message": "Incorrect API key provided: gm-CANARY-0b9e1d"}}))
+
+    with pytest.raises(llm.LLMError) as caught:
+        llm.complete(tenant_id="default", messages=ASK)
+
+    assert caught.value.permanent and caught.value.http_status == 401
+    assert "gm-CANARY-0b9e1d" not in str(caught.value) and "gm-CANARY-0b9e1d" not in repr(caught.value.failures)
