@@ -334,3 +334,16 @@ def test_a_key_echoed_by_a_provider_never_reaches_the_error(routed, settings):
 
     assert caught.value.permanent and caught.value.http_status == 401
     assert "gm-CANARY-0b9e1d" not in str(caught.value) and "gm-CANARY-0b9e1d" not in repr(caught.value.failures)
+
+
+def test_a_tenant_provider_on_an_internal_address_is_refused_by_the_ssrf_guard(routed, settings):
+    settings.ORCHESTRATOR_LLM_BASE_URL = ""
+    settings.ORCHESTRATOR_HTTP_ALLOW_HOSTS = []
+    LLMProvider.objects.create(tenant_id="acme", name="sneaky", base_url=routed.url, model="m")
+
+    with pytest.raises(llm.LLMError) as caught:
+        llm.complete(tenant_id="acme", messages=ASK)
+
+    assert "refused to connect" in str(caught.value)
+    assert routed.calls() == []
+    assert not LLMCircuit.objects.filter(key="tenant:acme:sneaky", failures__gt=0).exists()
