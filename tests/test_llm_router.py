@@ -5,13 +5,16 @@ credential keys, Gemini settings, usage and metrics."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
+from django.db import connection
 
 from agents import llm
 from agents.llm import breaker
 from agents.llm.providers import providers_for
 from agents.models import Credential, LLMCircuit, LLMProvider
+from agents.redaction import forget_registered_secrets
 from tests.llm_server import Reply
 
 pytestmark = pytest.mark.django_db
@@ -46,7 +49,8 @@ def routed(settings, llm_server):
     settings.GEMINI_ENABLED = False
     settings.ORCHESTRATOR_LLM_BREAKER_FAILURES = 3
     settings.ORCHESTRATOR_LLM_BREAKER_COOLDOWN = 30.0
-    return llm_server
+    yield llm_server
+    forget_registered_secrets()  # keys resolved by these tests are masked process-wide otherwise
 
 
 def test_structured_answer_is_asked_with_a_strict_json_schema_and_validated(routed):
@@ -336,14 +340,29 @@ def test_a_key_echoed_by_a_provider_never_reaches_the_error(routed, settings):
     assert "gm-CANARY-0b9e1d" not in str(caught.value) and "gm-CANARY-0b9e1d" not in repr(caught.value.failures)
 
 
+@pytest.mark.django_db(transaction=True)  # the row must be visible to the call's own thread
 def test_a_tenant_provider_on_an_internal_address_is_refused_by_the_ssrf_guard(routed, settings):
     settings.ORCHESTRATOR_LLM_BASE_URL = ""
     settings.ORCHESTRATOR_HTTP_ALLOW_HOSTS = []
     LLMProvider.objects.create(tenant_id="acme", name="sneaky", base_url=routed.url, model="m")
 
-    with pytest.raises(llm.LLMError) as caught:
-        llm.complete(tenant_id="acme", messages=ASK)
+    # in a thread of its own: a fresh httpx client, so no pooled connection from another test
+    # (the guard checks where connections are made)
+    caught: list[BaseException] = []
 
-    assert "refused to connect" in str(caught.value)
+    def call() -> None:
+        try:
+            llm.complete(tenant_id="acme", messages=ASK)
+        except BaseException as exc:  # noqa: BLE001 - handed to the assertion below
+            caught.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+
+    assert len(caught) == 1 and isinstance(caught[0], llm.LLMError), caught
+    assert "refused to connect" in str(caught[0])
     assert routed.calls() == []
     assert not LLMCircuit.objects.filter(key="tenant:acme:sneaky", failures__gt=0).exists()

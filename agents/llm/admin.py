@@ -36,6 +36,10 @@ def _tenant_form(form: type[forms.ModelForm], request: HttpRequest) -> type[form
 
 
 class LLMProviderForm(forms.ModelForm):
+    base_url = forms.URLField(
+        max_length=500, assume_scheme="https", help_text="The API root, e.g. https://api.openai.com/v1."
+    )
+
     class Meta:
         model = LLMProvider
         fields = [
