@@ -93,3 +93,25 @@ def test_llm_step_over_a_wait_budget_waits_without_spending_an_attempt(worker, l
         assert llm_server.calls() == []
     finally:
         engine.cancel_run(run.pk)
+
+
+def test_every_provider_throttled_retries_the_step_after_retry_after(worker, llm_server, agent_server):
+    from runs.models import Attempt
+
+    # Given: the tenant's provider and the deployment's both answer 429 with Retry-After: 2 once
+    LLMProvider.objects.create(tenant_id="default", name="scripted", base_url=llm_server.url, model="tiny")
+    llm_server.script(Reply.rate_limited(retry_after=2), "answered after the wait")
+    agent_server.program("/v1/chat/completions", [(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})])
+
+    run, steps = run_to_end(
+        "key: throttled\nsteps:\n  - id: ask\n    type: llm\n"
+        "    retry: {max_attempts: 3, initial_delay: 0.1, jitter: false}\n    params: {prompt: hi}\n",
+        sweep=True,
+    )
+
+    # Then: the first attempt failed throttled, the second came after the Retry-After and answered
+    assert run.status == "succeeded", run.error
+    assert steps["ask"].output["content"] == "answered after the wait"
+    first, second = Attempt.objects.filter(step=steps["ask"]).order_by("number")
+    assert "every LLM provider is throttled" in first.error and "429" in first.error
+    assert (second.started_at - first.finished_at).total_seconds() >= 2.0
