@@ -395,6 +395,8 @@ GEMINI_BASE_URL = env_str(
 )
 #: Seconds an LLM call may take over all its providers when the caller gives no timeout.
 ORCHESTRATOR_LLM_TIMEOUT = env_float("ORCHESTRATOR_LLM_TIMEOUT", 120.0)
+#: Largest answer read from an LLM provider, bytes (past it the provider counts as failed).
+ORCHESTRATOR_LLM_MAX_RESPONSE_BYTES = env_int("ORCHESTRATOR_LLM_MAX_RESPONSE_BYTES", 20_000_000)
 #: Largest max_tokens a call may ask for.
 ORCHESTRATOR_LLM_MAX_TOKENS_CAP = env_int("ORCHESTRATOR_LLM_MAX_TOKENS_CAP", 32768)
 #: Circuit breaker per provider (state in the database, shared by all workers): consecutive

@@ -366,3 +366,14 @@ def test_a_tenant_provider_on_an_internal_address_is_refused_by_the_ssrf_guard(r
     assert "refused to connect" in str(caught[0])
     assert routed.calls() == []
     assert not LLMCircuit.objects.filter(key="tenant:acme:sneaky", failures__gt=0).exists()
+
+
+def test_an_answer_past_the_size_cap_fails_that_provider_over(routed, settings):
+    settings.ORCHESTRATOR_LLM_MAX_RESPONSE_BYTES = 4_000
+    settings.ORCHESTRATOR_LLM_FALLBACK_URLS = [routed.url.replace("127.0.0.1", "localhost")]
+    routed.script("x" * 10_000, "short")
+
+    result = llm.complete(tenant_id="default", messages=ASK)
+
+    assert (result.provider, result.content) == ("fallback-1", "short")
+    assert "answer larger than 4000 bytes" in result.attempts[0]["error"]

@@ -6,7 +6,7 @@ One call:
    all is a permanent ``no_provider`` error.
 2. Reserve the estimated prompt plus ``max_tokens`` on the tenant's budgets (``budgets.reserve``).
 3. Try each provider whose circuit is closed, through the ``openai`` SDK (``max_retries=0``; the
-   thread's ``httpx.Client`` with the SSRF guard, ``agents.httpclient.get_client``), within the
+   thread's ``httpx.Client`` with the SSRF guard and a cap on the answer's size, ``agents.llm.transport``), within the
    time left of the call's timeout. Fail over on a connection error, a timeout, a 5xx, a 429 (its
    Retry-After opens that provider's circuit for as long, for every worker) and a context-length
    error; any other 4xx is permanent at once (the request itself is wrong).
@@ -25,13 +25,14 @@ import openai
 from django.conf import settings
 
 from ..credentials import CredentialError
-from ..httpclient import get_client, parse_retry_after
+from ..httpclient import parse_retry_after
 from ..redaction import known_secrets, redact, register_secret
 from . import breaker, budgets, structured
 from . import usage as usage_mod
 from .errors import LLMError, LLMSchemaError, LLMTimeout
 from .metrics import count_request, count_tokens
 from .providers import Provider, providers_for
+from .transport import get_llm_client
 
 log = logging.getLogger("orchestrator.llm")
 
@@ -164,7 +165,7 @@ def _client(provider: Provider, timeout: float) -> tuple[openai.OpenAI, dict[str
         api_key=api_key or "unused",  # the SDK insists on one; omitted from requests above
         max_retries=0,
         timeout=timeout,
-        http_client=get_client(),
+        http_client=get_llm_client(),
         default_headers=headers or None,
         default_query=query or None,
     )
