@@ -80,3 +80,39 @@ def test_streaming_through_the_sdk(local):
     assert len(pieces) > 1  # several deltas, not one blob
     assert "".join(pieces).strip()
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_llm_step_on_the_worker_through_the_local_model(worker, local_llm):
+    from agents.models import LLMProvider
+    from tests.conftest import run_to_end
+
+    # a tenant provider marked llamacpp: the schema becomes a grammar on the server
+    LLMProvider.objects.create(
+        tenant_id="default", name="smol", base_url=local_llm.url, model="smollm2-135m", kind="llamacpp"
+    )
+    run, steps = run_to_end(
+        """
+key: local-review
+steps:
+  - id: classify
+    type: llm
+    params:
+      system: You classify product reviews. Answer in JSON.
+      prompt: "Review: 'Great kettle, boils fast, I love it.'"
+      schema_name: review
+      schema:
+        type: object
+        properties:
+          sentiment: {enum: [positive, negative, neutral]}
+          recommend: {type: boolean}
+        required: [sentiment, recommend]
+        additionalProperties: false
+      max_tokens: 64
+""",
+        timeout=120,
+    )
+
+    assert run.status == "succeeded", run.error
+    output = steps["classify"].output
+    jsonschema.validate(output["json"], REVIEW)
+    assert output["provider"] == "smol" and output["usage"]["estimated"] is False
