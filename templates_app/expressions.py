@@ -86,16 +86,16 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         # ``output.items`` must be the key "items" of a step output, not the dict method.
         if isinstance(obj, Mapping):
             try:
-                return obj[attribute]
+                return _opened(obj[attribute])
             except (KeyError, TypeError):
                 if _is_open_placeholder(obj):
-                    return placeholder(f"{obj[PLACEHOLDER_KEY]}.{attribute}")
+                    return _OpenPlaceholder(placeholder(f"{obj[PLACEHOLDER_KEY]}.{attribute}"))
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         if _is_open_placeholder(obj) and isinstance(argument, (str, int)) and argument not in obj:
-            return placeholder(f"{obj[PLACEHOLDER_KEY]}[{argument!r}]")
-        return super().getitem(obj, argument)
+            return _OpenPlaceholder(placeholder(f"{obj[PLACEHOLDER_KEY]}[{argument!r}]"))
+        return _opened(super().getitem(obj, argument))
 
 
 #: Key of a dry-run placeholder: a JSON object ``{"$placeholder": "<where it stands>"}`` that a
@@ -116,6 +116,31 @@ def placeholder(where: str) -> dict[str, str]:
 
 def _is_open_placeholder(obj: Any) -> bool:
     return isinstance(obj, Mapping) and PLACEHOLDER_KEY in obj and open_placeholders.get()
+
+
+class _OpenPlaceholder(dict):
+    """A placeholder inside a dry run: any key gives a placeholder, an ordering comparison is
+    false, arithmetic gives the placeholder back. Still a dict, so it leaves the sandbox as JSON."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _false(self, other: Any) -> bool:
+        return False
+
+    __lt__ = __le__ = __gt__ = __ge__ = _false  # type: ignore[assignment]
+
+    def _same(self, other: Any) -> _OpenPlaceholder:
+        return self
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _same
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _same
+
+
+def _opened(value: Any) -> Any:
+    """``value``, as an :class:`_OpenPlaceholder` when it is a placeholder and a dry run is on."""
+    if type(value) is dict and PLACEHOLDER_KEY in value and open_placeholders.get():
+        return _OpenPlaceholder(value)
+    return value
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":

@@ -390,3 +390,36 @@ def test_api_generate_async_runs_on_the_worker(worker, agent_server, owner, outs
     assert WorkflowTemplate.objects.get(tenant_id="acme", key="gen-status").generated
     assert not WorkflowTemplate.objects.filter(tenant_id="globex").exists()
     assert api_client_for(outsider).get(f"{API}/generate/{job_id}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_dry_run_maps_over_unknown_lists_and_compares_unknown_values(tenants):
+    text = """\
+key: unknown-shapes
+steps:
+  - {id: a, type: http, params: {url: "https://api.example.com/items"}}
+  - id: each
+    type: noop
+    depends_on: [a]
+    for_each: ${steps.a.output.body.items}
+    params: {output: {name: "${item.name}"}}
+  - id: big
+    type: condition
+    depends_on: [a]
+    condition: ${steps.a.output.body.count > 3}
+    on_success: [many]
+    on_failure: [few]
+  - {id: many, type: noop, params: {output: 1}}
+  - {id: few, type: noop, params: {output: 0}}
+  - id: total
+    type: noop
+    depends_on: [each, many, few]
+    trigger_rule: none_failed
+    params: {output: {names: "${steps.each.output | length}", wrong: "${steps.each.output[0].nmae}"}}
+"""
+    report = dry_run(load_spec(text), "acme")
+    statuses = {s["id"]: s["status"] for s in report.steps}
+    assert statuses["each[0]"] == "succeeded"  # one placeholder item: the loop body was checked
+    assert statuses["many"] == "skipped" and statuses["few"] == "succeeded"  # unknown > 3 is false
+    # `each` is a noop whose output is declared ({"name": ...}): a misspelt key of it is caught
+    assert statuses["total"] in ("dead", "failed") and "nmae" in " ".join(report.errors)

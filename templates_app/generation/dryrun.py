@@ -20,8 +20,9 @@ callable's ``dry_run_output`` attribute when it declares one. So ``${steps.fetch
 passes, ``${steps.fetch.output.bdy}`` fails, ``${steps.fetch.output.body.anything}`` passes (the
 body is unknown), and a reference to a step a condition skipped fails as it would in production.
 
-What a dry run cannot know: a ``for_each`` over an undeclared value gets one placeholder item,
-and a comparison with a placeholder is refused by the sandbox only if it would be for a dict.
+What a dry run cannot know, it assumes: a ``for_each`` over an undeclared value maps over one
+placeholder item; an ordering comparison with a placeholder is false (so a condition on an
+unknown value takes its ``on_failure`` branch) and arithmetic on one gives the placeholder back.
 Dry-run attempts are counted in the ``orchestrator_tasks_*`` metrics (the engine records them
 before the rollback).
 """
@@ -197,12 +198,28 @@ def _dry_spec(spec: dict[str, Any]) -> dict[str, Any]:
     dry.pop("max_active_runs", None)
     for step in dry.get("steps", []):
         step.setdefault("retry", {})["max_attempts"] = 1
+        step["for_each"] = _listed(step.get("for_each"))
         step.pop("rate_limit", None)
         step.pop("concurrency", None)
         for child in (step.get("params") or {}).get("tasks", []) if step.get("type") == "parallel" else []:
             if isinstance(child, dict):
                 child.setdefault("retry", {})["max_attempts"] = 1
     return dry
+
+
+def _listed(for_each: Any) -> Any:
+    """A ``for_each`` expression that maps over ONE placeholder item when its value is a placeholder.
+
+    ``${steps.a.output.body.items}`` (an undeclared shape) would give a dict, not a list; the dry
+    run maps over ``[that placeholder]`` instead, so the loop's body is still checked.
+    """
+    if not isinstance(for_each, str):
+        return for_each
+    found = expressions.find_expressions(for_each)
+    if len(found) != 1 or for_each.strip() != f"${{{found[0]}}}":
+        return for_each
+    inner = f"({found[0]})"
+    return f"${{[{inner}] if {inner} is mapping and '{expressions.PLACEHOLDER_KEY}' in {inner} else {inner}}}"
 
 
 def dry_run(spec: dict[str, Any], tenant_id: str, inputs: dict[str, Any] | None = None) -> DryRunReport:
