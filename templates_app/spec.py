@@ -1370,7 +1370,9 @@ SCHEMA_STEP_KEYS = (
 SCHEMA_TOP_KEYS = ("key", "name", "description", "category", "variables", "outputs", "steps")
 
 
-def json_schema(step_types: list[str] | None = None) -> dict[str, Any]:
+def json_schema(
+    step_types: list[str] | None = None, params: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The canonical workflow format as a JSON Schema (draft 2020-12), built from this loader's rules.
 
     Names, patterns and enums come from the loader itself: the slug and step id patterns, the
@@ -1379,8 +1381,13 @@ def json_schema(step_types: list[str] | None = None) -> dict[str, Any]:
     are numbers of seconds. The schema describes shape only: dependencies, cycles and
     expressions are checked by :func:`load_spec` on the answer, as for a hand-written file.
 
-    Returns a dict; every object has ``additionalProperties: false`` except ``params`` (free
-    form: each step type validates its own) and the ``outputs`` mapping.
+    ``params``: ``{step type: JSON Schema of its params}``; when given, a step is ``anyOf`` one
+    variant per type (``type`` a const, ``params`` that type's schema), so schema-constrained
+    decoding cannot pair a type with another type's params. Types without an entry keep free-form
+    params.
+
+    Returns a dict; every object has ``additionalProperties: false`` except free-form ``params``
+    and the ``outputs`` mapping.
     """
     if step_types is None:
         step_types = sorted(set(_registry().handler_types()) | ENGINE_TYPES)
@@ -1426,6 +1433,25 @@ def json_schema(step_types: list[str] | None = None) -> dict[str, Any]:
         "additionalProperties": False,
     }
     assert set(variable["properties"]) == _VARIABLE_KEYS
+    step: dict[str, Any] = {
+        "type": "object",
+        "properties": step_properties,
+        "required": ["id", "type", "depends_on", "params"],
+        "additionalProperties": False,
+    }
+    if params:
+        variants = []
+        for name in step_types:
+            props = dict(step_properties)
+            props["type"] = {"type": "string", "const": name}
+            if name in params:
+                props["params"] = params[name]
+            if name != "condition":  # only condition steps take condition / on_success / on_failure
+                for key in ("condition", "on_success", "on_failure"):
+                    props.pop(key)
+            required = [*step["required"], "condition"] if name == "condition" else step["required"]
+            variants.append({**step, "properties": props, "required": required})
+        step = {"anyOf": variants}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "workflow",
@@ -1441,16 +1467,7 @@ def json_schema(step_types: list[str] | None = None) -> dict[str, Any]:
                 "additionalProperties": variable,
             },
             "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
-            "steps": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": step_properties,
-                    "required": ["id", "type", "depends_on", "params"],
-                    "additionalProperties": False,
-                },
-            },
+            "steps": {"type": "array", "minItems": 1, "items": step},
         },
         "required": ["key", "name", "description", "variables", "steps"],
         "additionalProperties": False,

@@ -206,7 +206,10 @@ def test_cycle_is_repaired_in_round_2_and_saved_as_generated(builtins, model):
     first, second = model.calls("workflow")
     fmt = first["response_format"]["json_schema"]
     assert fmt["name"] == "workflow"
-    assert "http" in fmt["schema"]["properties"]["steps"]["items"]["properties"]["type"]["enum"]
+    variants = fmt["schema"]["properties"]["steps"]["items"]["anyOf"]  # one per step type, its params
+    assert {"http", "python", "exec", "llm", "noop", "condition"} <= {
+        v["properties"]["type"]["const"] for v in variants
+    }
     assert "package-audit" in first["messages"][0]["content"]  # the planner's matches as examples
     assert "dependency cycle" in second["messages"][-1]["content"]
     assert Run.objects.count() == 0
@@ -303,6 +306,19 @@ def test_json_schema_comes_from_the_loader():
     jsonschema.validate(GOOD, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(_variant(fetch={"type": "teleport"}), schema)
+    # with the params of each type: an http step needs url or call, a python step an allowed callable
+    from templates_app.generation.service import params_schemas
+
+    typed = json_schema(params=params_schemas())
+    jsonschema.Draft202012Validator.check_schema(typed)
+    jsonschema.validate(GOOD, typed)
+    for wrong in (
+        _variant(fetch={"params": {}}),
+        _variant(fetch={"type": "python", "params": {"callable": "os.system"}}),
+        _variant(shape={"condition": "${true}"}),  # only condition steps take a condition
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, typed)
 
 
 # --- API ------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..models import GENERATION_TERMINAL, Complexity, GenerationStatus, Workflow
 from . import metrics, planner
 from .dryrun import DryRunReport, dry_run
 
-#: Steps a workflow of each complexity should have at most (said to the model, not enforced).
+#: Steps a workflow of each complexity may have at most (the schema's maxItems, told to the model).
 COMPLEXITY_STEPS = {"low": 3, "medium": 8, "high": 20}
 #: Seed 002's service names and what they are here.
 SERVICE_TYPES = {"data": "http", "ai": "llm", "exec": "exec"}
@@ -337,7 +337,8 @@ def _with_model(
 
     from ..spec import json_schema, load_spec
 
-    schema = json_schema()
+    schema = json_schema(params=params_schemas())
+    schema["properties"]["steps"]["maxItems"] = COMPLEXITY_STEPS[request.complexity]
     messages = _messages(request, plan, schema)
     rounds = 1 + settings.ORCHESTRATOR_GENERATE_REPAIR_ROUNDS
     for number in range(1, rounds + 1):
@@ -388,6 +389,81 @@ def _with_model(
         result.ok, result.errors, result.spec = True, [], spec
         _journal(job, _entry(number, "llm", "dry_run", True, [], usage, round_started))
         return
+
+
+def params_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schemas of the params of the built-in step types, as their handlers validate them.
+
+    Deliberately narrow (the params a generated workflow needs; a hand-written file may use
+    more): http ``url`` or ``call``; python ``callable`` from ``ORCHESTRATOR_PYTHON_CALLABLES``.
+    """
+    from agents.handlers.python import allowed_callables
+
+    text = {"type": "string"}
+    anything: dict[str, Any] = {}
+    http_common = {
+        "method": {"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"]},
+        "headers": {"type": "object", "additionalProperties": text},
+        "json": anything,
+        "credential": text,
+    }
+    # two whole variants (url or call) rather than anyOf of bare `required` lists: llama.cpp's
+    # schema-to-grammar converter accepts only the former
+    http = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"url": {"type": "string", "pattern": "^https?://.*$"}, **http_common},
+                "required": ["url"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"call": {"type": "string", "pattern": "^/.*$"}, **http_common},
+                "required": ["call"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+    callables = sorted(allowed_callables())
+    python: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "callable": {"type": "string", "enum": callables} if callables else text,
+            "kwargs": {"type": "object"},
+        },
+        "required": ["callable"],
+        "additionalProperties": False,
+    }
+    return {
+        "http": http,
+        "python": python,
+        "exec": {
+            "type": "object",
+            "properties": {"command": {"type": "array", "items": text, "minItems": 1}, "stdin": anything},
+            "required": ["command"],
+            "additionalProperties": False,
+        },
+        "llm": {
+            "type": "object",
+            "properties": {
+                "prompt": text,
+                "system": text,
+                "schema": {"type": "object"},
+                "max_tokens": {"type": "integer"},
+            },
+            "required": ["prompt"],
+            "additionalProperties": False,
+        },
+        "noop": {"type": "object", "properties": {"output": anything}, "additionalProperties": False},
+        "sleep": {
+            "type": "object",
+            "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 3600}},
+            "required": ["seconds"],
+            "additionalProperties": False,
+        },
+        "condition": {"type": "object", "additionalProperties": False},
+    }
 
 
 def _fail_round(
