@@ -439,3 +439,25 @@ steps:
     assert statuses["many"] == "skipped" and statuses["few"] == "succeeded"  # unknown > 3 is false
     # `each` is a noop whose output is declared ({"name": ...}): a misspelt key of it is caught
     assert statuses["total"] in ("dead", "failed") and "nmae" in " ".join(report.errors)
+
+
+@pytest.mark.django_db
+def test_admin_lists_generation_jobs_of_the_staff_members_tenants(builtins, offline, client):
+    from runs.models import Membership
+    from tests.conftest import _user
+
+    from templates_app.generation import create_job
+
+    acme_job = create_job(parse_request({"prompt": LINES}, tenant_id="acme"))
+    globex_job = create_job(parse_request({"prompt": "secret globex plan"}, tenant_id="globex"))
+    staff = _user("ops", builtins["acme"], "owner", is_staff=True)
+    from django.contrib.auth.models import Permission
+
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=["view_workflowgenerationjob"]))
+    assert Membership.objects.filter(user=staff).count() == 1
+    client.force_login(staff)
+    listing = client.get("/admin/templates_app/workflowgenerationjob/")
+    assert listing.status_code == 200
+    assert str(acme_job.pk) in listing.content.decode() and "secret globex plan" not in listing.content.decode()
+    assert client.get(f"/admin/templates_app/workflowgenerationjob/{acme_job.pk}/change/").status_code == 200
+    assert client.get(f"/admin/templates_app/workflowgenerationjob/{globex_job.pk}/change/").status_code in (302, 404)
