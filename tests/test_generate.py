@@ -444,9 +444,8 @@ steps:
 @pytest.mark.django_db
 def test_admin_lists_generation_jobs_of_the_staff_members_tenants(builtins, offline, client):
     from runs.models import Membership
-    from tests.conftest import _user
-
     from templates_app.generation import create_job
+    from tests.conftest import _user
 
     acme_job = create_job(parse_request({"prompt": LINES}, tenant_id="acme"))
     globex_job = create_job(parse_request({"prompt": "secret globex plan"}, tenant_id="globex"))
