@@ -423,5 +423,7 @@ if not 0 <= ORCHESTRATOR_GENERATE_REPAIR_ROUNDS <= 10:
 ORCHESTRATOR_GENERATE_MAX_PROMPT = env_int("ORCHESTRATOR_GENERATE_MAX_PROMPT", 4000)
 #: max_tokens of each model answer (reserved on the tenant's token budgets before the call).
 ORCHESTRATOR_GENERATE_MAX_TOKENS = env_int("ORCHESTRATOR_GENERATE_MAX_TOKENS", 4096)
+#: Characters of matching stored templates sent to the model as examples (0: none; small contexts).
+ORCHESTRATOR_GENERATE_EXAMPLE_CHARS = env_int("ORCHESTRATOR_GENERATE_EXAMPLE_CHARS", 6000)
 #: Seconds one model call may take (over all providers).
 ORCHESTRATOR_GENERATE_LLM_TIMEOUT = env_float("ORCHESTRATOR_GENERATE_LLM_TIMEOUT", 120.0)

@@ -501,12 +501,15 @@ def _messages(request: GenerationRequest, plan: planner.Plan, schema: dict[str, 
     base = getattr(settings, "ORCHESTRATOR_AGENTS_BASE_URL", "") or "(none configured)"
     callables = ", ".join(sorted(allowed_callables())) or "(none)"
     examples = []
+    room = settings.ORCHESTRATOR_GENERATE_EXAMPLE_CHARS  # small local models have small contexts
     for match in plan.templates[:2]:
         template = WorkflowTemplate.objects.filter(
             tenant_id=request.tenant_id, key=match.name, version=match.version
         ).first()
-        if template is not None:
-            examples.append(f"# example: {template.key}\n{template.source[:MAX_EXAMPLE_CHARS]}")
+        if template is not None and room > 0:
+            text = template.source[: min(MAX_EXAMPLE_CHARS, room)]
+            room -= len(text)
+            examples.append(f"# example: {template.key}\n{text}")
     system = (
         "You write workflows for a durable workflow engine. Answer with ONE JSON object: the workflow in the "
         "canonical format (key, name, description, variables, steps with id/type/depends_on/params), valid "
