@@ -32,7 +32,7 @@ from .generation import GenerationInputError, create_job, generate, parse_reques
 from .models import WorkflowGenerationJob
 
 
-class GenerateRequestSerializer(serializers.Serializer):
+class GenerateSerializer(serializers.Serializer):
     """The body of POST /api/v1/generate (documentation; checked by generation.parse_request)."""
 
     prompt = serializers.CharField(help_text="What the workflow should do, in plain language.")
@@ -108,7 +108,7 @@ class GenerateView(BaseAPIView, GenericAPIView):
 
     @extend_schema(
         summary="Seed 002: generate a workflow from a plain-language prompt",
-        request=GenerateRequestSerializer,
+        request=GenerateSerializer,
         parameters=[TENANT_PARAMETER],
         responses={
             200: GenerateResultSerializer,
