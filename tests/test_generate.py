@@ -460,3 +460,18 @@ def test_admin_lists_generation_jobs_of_the_staff_members_tenants(builtins, offl
     assert str(acme_job.pk) in listing.content.decode() and "secret globex plan" not in listing.content.decode()
     assert client.get(f"/admin/templates_app/workflowgenerationjob/{acme_job.pk}/change/").status_code == 200
     assert client.get(f"/admin/templates_app/workflowgenerationjob/{globex_job.pk}/change/").status_code in (302, 404)
+
+
+@pytest.mark.django_db
+def test_a_generated_workflow_never_takes_over_a_hand_written_key(builtins, model):
+    taken = copy.deepcopy(GOOD)
+    taken["key"] = "package-audit"
+    model.script(taken, GOOD, schema="workflow")
+    result = generate(parse_request({"prompt": "check the status endpoint", "save": True}, tenant_id="acme"))
+    assert result.ok and result.rounds == 2 and result.template_key == "gen-status"
+    assert (
+        "belongs to a stored workflow that was not generated" in model.calls("workflow")[1]["messages"][-1]["content"]
+    )
+    assert list(
+        WorkflowTemplate.objects.filter(tenant_id="acme", key="package-audit").values_list("version", "generated")
+    ) == [(1, False)]

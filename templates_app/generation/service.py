@@ -380,6 +380,11 @@ def _with_model(
             _fail_round(result, job, number, "validate", errors, usage, round_started)
             messages = [*messages, assistant, _repair(errors)]
             continue
+        taken = _key_taken(spec["key"], request) if request.save else None
+        if taken:
+            _fail_round(result, job, number, "validate", [taken], usage, round_started)
+            messages = [*messages, assistant, _repair([taken])]
+            continue
         report: DryRunReport = dry_run(spec, request.tenant_id)
         result.dry_run = report.as_dict()
         if not report.ok:
@@ -464,6 +469,14 @@ def params_schemas() -> dict[str, dict[str, Any]]:
         },
         "condition": {"type": "object", "additionalProperties": False},
     }
+
+
+def _key_taken(key: str, request: GenerationRequest) -> str | None:
+    """An error line when saving would make a generated version the latest of a hand-written template."""
+    latest = WorkflowTemplate.objects.filter(tenant_id=request.tenant_id, key=key).order_by("-version").first()
+    if latest is not None and not latest.generated:
+        return f"key {key!r} belongs to a stored workflow that was not generated: choose another key"
+    return None
 
 
 def _fail_round(
