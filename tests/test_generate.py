@@ -157,6 +157,9 @@ def test_generate_workflow_command_offline_answers_with_the_best_template(builti
     assert Run.objects.count() == 0  # the dry run rolled back
     job = WorkflowGenerationJob.objects.get(pk=answer["job_id"])
     assert job.status == GenerationStatus.SUCCEEDED and job.tenant_id == "acme" and job.planner == "memory"
+    (entry,) = job.rounds
+    assert entry["template"] == "package-audit" and entry["chain"][0]["id"] == "list"
+    assert entry["chain"][-1]["id"] == "report" and "python" in entry["step_types"]
 
 
 @pytest.mark.django_db
@@ -475,3 +478,28 @@ def test_a_generated_workflow_never_takes_over_a_hand_written_key(builtins, mode
     assert list(
         WorkflowTemplate.objects.filter(tenant_id="acme", key="package-audit").values_list("version", "generated")
     ) == [(1, False)]
+
+
+@pytest.mark.django_db
+def test_generation_series_are_scraped(builtins, model, client):
+    from runs.metrics import parse_families
+
+    model.script(UNKNOWN_DEP, UNKNOWN_DEP, UNKNOWN_DEP, schema="workflow")
+    before = parse_families(client.get("/metrics").content.decode())
+    generate(parse_request({"prompt": "check the status endpoint"}, tenant_id="acme"))
+    after = parse_families(client.get("/metrics").content.decode())
+
+    def value(families, name, sample, labels=None):
+        family = families.get(name)
+        if family is None:
+            return 0.0
+        return sum(s.value for s in family.samples if s.name == sample and (labels is None or s.labels == labels))
+
+    failures_total = ("workflow_generation_failures", "workflow_generation_failures_total")
+    assert (
+        value(after, *failures_total, {"stage": "validate"})
+        == value(before, *failures_total, {"stage": "validate"}) + 3
+    )
+    seconds = ("workflow_generation_seconds", "workflow_generation_seconds_count")
+    assert value(after, *seconds) == value(before, *seconds) + 1
+    assert {"stage": "dry_run"} in [s.labels for s in after["workflow_generation_failures"].samples]

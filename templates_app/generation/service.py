@@ -16,7 +16,9 @@
    ``generated``) only when asked.
 
 Every round is journaled on the :class:`~templates_app.models.WorkflowGenerationJob`:
-``{"round", "planner", "stage", "ok", "errors", "usage", "seconds"}``.
+``{"round", "planner", "stage", "ok", "errors", "usage", "seconds"}``; the memory planner's round
+also names its ``template``, the proposed ``chain`` (its steps in dependency order) and the
+``step_types`` ranked against the prompt.
 """
 
 from __future__ import annotations
@@ -283,7 +285,21 @@ def _from_memory(
         result.ok = True
         if request.save:  # already stored: saving again would change nothing
             result.template_key, result.template_version = template.key, template.version
-    _journal(job, _entry(1, "memory", "dry_run", report.ok, result.errors, None, round_started, template=template.key))
+    _journal(
+        job,
+        _entry(
+            1,
+            "memory",
+            "dry_run",
+            report.ok,
+            result.errors,
+            None,
+            round_started,
+            template=template.key,
+            chain=plan.chain,
+            step_types=[m.name for m in plan.step_types],
+        ),
+    )
 
 
 def _entry(
