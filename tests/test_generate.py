@@ -503,3 +503,27 @@ def test_generation_series_are_scraped(builtins, model, client):
     seconds = ("workflow_generation_seconds", "workflow_generation_seconds_count")
     assert value(after, *seconds) == value(before, *seconds) + 1
     assert {"stage": "dry_run"} in [s.labels for s in after["workflow_generation_failures"].samples]
+
+
+@pytest.mark.django_db
+def test_run_job_claims_once_and_takes_over_a_job_whose_worker_died(builtins, offline):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from templates_app.generation import create_job, run_job
+    from templates_app.generation.service import stale_after
+
+    job = create_job(parse_request({"prompt": LINES}, tenant_id="acme"))
+    done = run_job(job.pk)
+    assert done.status == GenerationStatus.SUCCEEDED and done.result["ok"]
+    assert run_job(job.pk) is None  # a duplicate message: nothing to claim
+
+    # a job left running by a killed worker: taken over once it is older than stale_after()
+    lost = create_job(parse_request({"prompt": LINES}, tenant_id="acme"))
+    recent = timezone.now() - timedelta(seconds=stale_after() - 60)
+    WorkflowGenerationJob.objects.filter(pk=lost.pk).update(status=GenerationStatus.RUNNING, started_at=recent)
+    assert run_job(lost.pk) is None
+    old = timezone.now() - timedelta(seconds=stale_after() + 60)
+    WorkflowGenerationJob.objects.filter(pk=lost.pk).update(started_at=old)
+    assert run_job(lost.pk).status == GenerationStatus.SUCCEEDED

@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import yaml
@@ -182,10 +183,17 @@ def request_of(job: WorkflowGenerationJob) -> GenerationRequest:
 def run_job(job_id: Any) -> WorkflowGenerationJob | None:
     """Run a queued job (the Celery task's body). Returns None when the job is gone or already taken.
 
-    Claimed with a conditional UPDATE (queued -> running), so a duplicate message does nothing.
+    Claimed with a conditional UPDATE (queued -> running), so a duplicate message does nothing. A
+    job still ``running`` after :func:`stale_after` seconds lost its worker (the task is
+    ``acks_late`` + ``reject_on_worker_lost``, so its message comes back): it is claimed again and
+    starts over, its journal kept.
     """
+    from django.db.models import Q
+
     now = timezone.now()
-    if not WorkflowGenerationJob.objects.filter(pk=job_id, status=GenerationStatus.QUEUED).update(
+    stale = now - timedelta(seconds=stale_after())
+    claimable = Q(status=GenerationStatus.QUEUED) | Q(status=GenerationStatus.RUNNING, started_at__lt=stale)
+    if not WorkflowGenerationJob.objects.filter(claimable, pk=job_id).update(
         status=GenerationStatus.RUNNING, started_at=now
     ):
         return None
@@ -201,6 +209,12 @@ def run_job(job_id: Any) -> WorkflowGenerationJob | None:
         raise
     job.refresh_from_db()
     return job
+
+
+def stale_after() -> float:
+    """Seconds after which a running job is presumed dead: every round's model call at its timeout, plus 10 minutes."""
+    rounds = 1 + settings.ORCHESTRATOR_GENERATE_REPAIR_ROUNDS
+    return rounds * settings.ORCHESTRATOR_GENERATE_LLM_TIMEOUT + 600.0
 
 
 def _journal(job: WorkflowGenerationJob | None, entry: dict[str, Any]) -> None:
