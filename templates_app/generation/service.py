@@ -198,15 +198,7 @@ def run_job(job_id: Any) -> WorkflowGenerationJob | None:
     ):
         return None
     job = WorkflowGenerationJob.objects.get(pk=job_id)
-    try:
-        generate(request_of(job), job=job)
-    except Exception as exc:  # a bug must not leave the job running forever
-        WorkflowGenerationJob.objects.filter(pk=job.pk).exclude(status__in=GENERATION_TERMINAL).update(
-            status=GenerationStatus.FAILED,
-            errors=[one_line(f"internal error: {type(exc).__name__}: {exc}")],
-            finished_at=timezone.now(),
-        )
-        raise
+    generate(request_of(job), job=job)
     job.refresh_from_db()
     return job
 
@@ -247,6 +239,19 @@ def generate(request: GenerationRequest, job: WorkflowGenerationJob | None = Non
     out (no template matched offline, or every round failed). With ``job``, the rounds are
     journaled on it and it ends ``succeeded`` or ``failed``.
     """
+    try:
+        return _generate(request, job)
+    except Exception as exc:  # a bug or a lost database must not leave the job running forever
+        if job is not None:
+            WorkflowGenerationJob.objects.filter(pk=job.pk).exclude(status__in=GENERATION_TERMINAL).update(
+                status=GenerationStatus.FAILED,
+                errors=[one_line(f"internal error: {type(exc).__name__}: {exc}")],
+                finished_at=timezone.now(),
+            )
+        raise
+
+
+def _generate(request: GenerationRequest, job: WorkflowGenerationJob | None) -> GenerationResult:
     from agents.llm import providers
 
     started = time.monotonic()
