@@ -242,3 +242,7 @@ class QueuedRunAdmin(ReadOnlyAdmin):
 
         started = sum(engine.admit_waiting_runs(tenant) for tenant in tenants)
         self.message_user(request, f"{started} run(s) started", messages.SUCCESS)
+
+
+# The LLM router's rows (issue 8): providers, token budgets, circuit breakers.
+from .llm import admin as _llm_admin  # noqa: E402,F401 - registers its ModelAdmins

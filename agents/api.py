@@ -115,5 +115,7 @@ router = SimpleRouter()
 router.trailing_slash = "/?"  # `/credentials` and `/credentials/` both (as runs.api.urls)
 router.register("credentials", CredentialViewSet, basename="credential")
 
-#: Included under /api/v1/ by orchestrator_site/urls.py.
-urlpatterns = [*router.urls]
+#: Included under /api/v1/ by orchestrator_site/urls.py (with the LLM router's providers and budgets).
+from .llm.api import urlpatterns as _llm_urlpatterns  # noqa: E402 - the LLM router's endpoints (issue 8)
+
+urlpatterns = [*router.urls, *_llm_urlpatterns]

@@ -227,3 +227,147 @@ class QueuedRun(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.run_id} of {self.template_key} waiting"
+
+
+# --- the LLM router (agents.llm): providers, token budgets, circuit breakers -------------------------
+
+
+class LLMProviderKind(models.TextChoices):
+    """How a provider takes structured output: OpenAI's json_schema, or llama.cpp's json_object + schema."""
+
+    OPENAI = "openai"
+    LLAMACPP = "llamacpp"
+
+
+class LLMProvider(models.Model):
+    """A tenant's own OpenAI-compatible endpoint, tried with the deployment's in priority order.
+
+    The API key is never stored here: ``credential_alias`` names a :class:`Credential` of the same
+    tenant (usually ``bearer``), resolved and decrypted only when a call is made.
+    """
+
+    tenant_id = models.CharField(max_length=100, default="default", help_text="Slug of the owning tenant.")
+    name = models.SlugField(max_length=100, help_text="Shown in traces, metrics and usage records.")
+    base_url = models.URLField(max_length=500, help_text="The API root, e.g. https://api.openai.com/v1.")
+    model = models.CharField(max_length=200, help_text="The model asked for (a step's `model` overrides it).")
+    credential_alias = models.SlugField(
+        max_length=100, blank=True, help_text="A credential of this tenant holding the API key (empty: no key)."
+    )
+    kind = models.CharField(max_length=16, choices=LLMProviderKind.choices, default=LLMProviderKind.OPENAI)
+    priority = models.PositiveSmallIntegerField(
+        default=10, help_text="Lower is tried first; a loopback URL is always 0 (and tagged planning)."
+    )
+    tags = models.JSONField(
+        default=list, blank=True, help_text='e.g. ["planning"]: calls asking for a tag try these first.'
+    )
+    enabled = models.BooleanField(default=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["tenant_id", "priority", "name"]
+        verbose_name = "LLM provider"
+        constraints = [
+            # one provider per name in a tenant (metrics, breaker keys and usage name it)
+            models.UniqueConstraint(fields=["tenant_id", "name"], name="llmprovider_tenant_name_uniq"),
+            models.CheckConstraint(
+                condition=Q(kind__in=[c.value for c in LLMProviderKind]), name="llmprovider_kind_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.model} at {self.base_url}, tenant {self.tenant_id})"
+
+
+class BudgetPeriod(models.TextChoices):
+    DAY = "day"  # resets at midnight (settings' time zone)
+    MONTH = "month"  # resets on the first of the month
+
+
+class BudgetPolicy(models.TextChoices):
+    WAIT = "wait"  # the step waits for the window to reset (no attempt spent)
+    FAIL = "fail"  # the step fails at once with budget_exceeded
+
+
+class TokenBudget(models.Model):
+    """A tenant's LLM token allowance per day or per month (prompt + completion tokens).
+
+    ``used``: tokens charged in the window that began at ``window_start``; ``reserved``: tokens
+    held by calls in flight (:class:`TokenBudgetHold`). A call is admitted only by the conditional
+    UPDATE ``used + reserved + n <= limit`` (``agents.llm.budgets``), so concurrent calls cannot
+    overrun it.
+    """
+
+    tenant_id = models.CharField(max_length=100, default="default", help_text="Slug of the owning tenant.")
+    period = models.CharField(max_length=8, choices=BudgetPeriod.choices, default=BudgetPeriod.DAY)
+    limit = models.PositiveBigIntegerField(help_text="Tokens per period (prompt + completion).")
+    policy = models.CharField(max_length=8, choices=BudgetPolicy.choices, default=BudgetPolicy.FAIL)
+    used = models.BigIntegerField(default=0, help_text="Tokens charged in the current window.")
+    reserved = models.BigIntegerField(default=0, help_text="Tokens held by calls in flight.")
+    window_start = models.DateTimeField(null=True, blank=True, help_text="Start of the current window.")
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["tenant_id", "period"]
+        constraints = [
+            # reservation looks up a tenant's budgets; one per period
+            models.UniqueConstraint(fields=["tenant_id", "period"], name="tokenbudget_tenant_period_uniq"),
+            models.CheckConstraint(condition=Q(used__gte=0) & Q(reserved__gte=0), name="tokenbudget_counts_positive"),
+            models.CheckConstraint(
+                condition=Q(period__in=[c.value for c in BudgetPeriod]), name="tokenbudget_period_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(policy__in=[c.value for c in BudgetPolicy]), name="tokenbudget_policy_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.period}: {self.used}/{self.limit} tokens ({self.policy})"
+
+
+class TokenBudgetHold(models.Model):
+    """Tokens a call in flight holds on a budget, released when it settles.
+
+    A worker killed mid-call leaves its hold behind: holds past ``expires_at`` are released by the
+    next reservation on the same budget, so ``reserved`` never leaks for longer than that.
+    """
+
+    budget = models.ForeignKey(TokenBudget, on_delete=models.CASCADE, related_name="holds")
+    tokens = models.PositiveBigIntegerField()
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            # expired holds of a budget (released at the next reservation)
+            models.Index(fields=["budget", "expires_at"], name="tokenbudgethold_expiry_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens on budget {self.budget_id}"
+
+
+class LLMCircuit(models.Model):
+    """Circuit-breaker state of one LLM provider, shared by every worker through this row.
+
+    Closed while ``open_until`` is empty or past. ``failures`` consecutive failures (connection
+    error, timeout, 5xx) open it for the cool-down; a 429 opens it until its Retry-After. After
+    that one caller takes the half-open probe (a conditional UPDATE pushes ``open_until`` forward);
+    a success closes it. Shape after Nygard, "Release It!", Circuit Breaker.
+    """
+
+    key = models.CharField(max_length=255, unique=True, help_text="deployment:<name> or tenant:<slug>:<name>.")
+    failures = models.PositiveIntegerField(default=0)
+    open_until = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["key"]
+        verbose_name = "LLM circuit breaker"
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.failures} failures)"

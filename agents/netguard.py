@@ -21,7 +21,7 @@ addresses are judged by the IPv4 address they carry.
 a host name (``agents.internal``, ``localhost``), an IP address (``127.0.0.1``, ``::1``) or a
 CIDR network (``10.1.0.0/16``), each optionally with ``:port`` (``[::1]:8080`` for IPv6) to allow
 that port only. The origins the operator configured (``ORCHESTRATOR_AGENTS_BASE_URL``,
-``ORCHESTRATOR_DATA_SERVICE_URL``, ``ORCHESTRATOR_LLM_BASE_URL`` and the fallbacks) are allowed
+``ORCHESTRATOR_DATA_SERVICE_URL``, ``ORCHESTRATOR_LLM_BASE_URL``, the fallbacks, ``GEMINI_BASE_URL``) are allowed
 too, host and port exactly: a workflow cannot choose them, so they need no listing.
 """
 
@@ -150,6 +150,7 @@ CONFIGURED_URL_SETTINGS = (
     "ORCHESTRATOR_AGENTS_BASE_URL",
     "ORCHESTRATOR_DATA_SERVICE_URL",
     "ORCHESTRATOR_LLM_BASE_URL",
+    "GEMINI_BASE_URL",  # the LLM router's Gemini fallback (an operator may point it at a proxy)
 )
 
 

@@ -196,7 +196,12 @@ def _redact(value: Any, pattern: re.Pattern[str]) -> Any:
 
 
 #: Settings whose values are secrets.
-SECRET_SETTINGS = ("ORCHESTRATOR_SERVICE_TOKEN", "ORCHESTRATOR_LLM_API_KEY", "ORCHESTRATOR_SERVICE_JWT_KEY")
+SECRET_SETTINGS = (
+    "ORCHESTRATOR_SERVICE_TOKEN",
+    "ORCHESTRATOR_LLM_API_KEY",
+    "ORCHESTRATOR_SERVICE_JWT_KEY",
+    "GEMINI_API_KEY",  # the LLM router's Gemini fallback
+)
 
 #: Most secrets :func:`register_secret` remembers per process (the oldest are forgotten first).
 MAX_REGISTERED_SECRETS = 256

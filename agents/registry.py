@@ -36,6 +36,7 @@ __all__ = [
     "StepHandler",
     "StepTimeout",
     "canonical_type",
+    "dry_run",
     "get_handler",
     "handler_types",
     "is_expression",
@@ -90,15 +91,27 @@ class StepTimeout(StepError):
 class StepDeferred(Exception):
     """The step may not run yet and no attempt should be spent (e.g. a token budget that resets).
 
-    The engine hands the step back to ``retry_wait`` for ``seconds`` (a Celery countdown or the
-    sweeper), as the flow-control gate does for a rate limit: its attempt row is closed as
-    ``deferred`` and the attempt is not counted against ``max_attempts``.
+    Raised by a handler when a policy (not a failure) says wait: e.g. an ``llm`` step whose tenant's
+    token budget (policy ``wait``) is full until its window resets. The engine hands the step back
+    to ``retry_wait`` for ``seconds`` (a Celery countdown or the sweeper), as the flow-control gate
+    does for a rate limit: its attempt row is closed as ``deferred`` and the attempt is not counted
+    against ``max_attempts``.
+
+    Attributes:
+        seconds: how long to wait before trying again, seconds (>= 0).
+        reason: one line for the step's trace and error field (never contains secrets).
     """
 
     def __init__(self, seconds: float, reason: str) -> None:
         super().__init__(reason)
         self.seconds = max(0.0, float(seconds))
         self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seconds={self.seconds!r}, reason={self.reason!r})"
 
 
 def _no_trace(kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -219,6 +232,14 @@ _instances: dict[str, StepHandler] = {}
 _lock = threading.RLock()
 _loaded = False
 
+#: Dry runs (``templates_app.generation.dryrun``): a function ``canonical type -> StepHandler | None``
+#: that :func:`get_handler` asks first, so the real engine runs a workflow with side-effecting
+#: handlers replaced by stubs. A context variable: only the code inside ``dry_run.set(...)`` (one
+#: thread, one request) sees the stubs; workers and other requests never do.
+dry_run: contextvars.ContextVar[Callable[[str], StepHandler | None] | None] = contextvars.ContextVar(
+    "dry_run", default=None
+)
+
 
 def register(cls: H) -> H:
     """Class decorator: register ``cls`` under its ``type_name`` and ``aliases``.
@@ -280,8 +301,16 @@ def canonical_type(name: str) -> str:
 
 
 def get_handler(type_name: str) -> StepHandler:
-    """The (cached, shared) handler instance for a type or alias; KeyError when unknown."""
+    """The (cached, shared) handler instance for a type or alias; KeyError when unknown.
+
+    Inside a dry run (:data:`dry_run` set) the stub it returns for the type, if any.
+    """
     canonical = canonical_type(type_name)
+    stubs = dry_run.get()
+    if stubs is not None:
+        stub = stubs(canonical)
+        if stub is not None:
+            return stub
     handler = _instances.get(canonical)
     if handler is None:
         with _lock:

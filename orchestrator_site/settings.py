@@ -500,3 +500,56 @@ ORCHESTRATOR_MAX_ATTEMPTS = env_int("ORCHESTRATOR_MAX_ATTEMPTS", 100)
 ORCHESTRATOR_MAX_RETRY_DELAY = env_float("ORCHESTRATOR_MAX_RETRY_DELAY", 86400.0)
 ORCHESTRATOR_MAX_STEPS_PER_RUN = env_int("ORCHESTRATOR_MAX_STEPS_PER_RUN", 5000)
 ORCHESTRATOR_MAX_FOR_EACH_ITEMS = env_int("ORCHESTRATOR_MAX_FOR_EACH_ITEMS", 10_000)
+
+# --- LLM router, token budgets, local model (issue 8 sections 1-2: agents/llm/) ---------------------
+#: Seed 000's names work as printed: LLM_BASE_URL / LLM_MODEL (read above as the aliases of
+#: ORCHESTRATOR_LLM_BASE_URL / ORCHESTRATOR_LLM_MODEL) and LLM_API_KEY here.
+ORCHESTRATOR_LLM_API_KEY = ORCHESTRATOR_LLM_API_KEY or env_str("LLM_API_KEY")
+#: How the main provider takes structured output: `openai` (json_schema) or `llamacpp`
+#: (json_object + schema, for llama-cpp-python's server).
+ORCHESTRATOR_LLM_KIND = env_str("ORCHESTRATOR_LLM_KIND", env_str("LLM_KIND", "openai")).lower()
+if ORCHESTRATOR_LLM_KIND not in ("openai", "llamacpp"):
+    raise ImproperlyConfigured(f"ORCHESTRATOR_LLM_KIND: expected openai or llamacpp, got {ORCHESTRATOR_LLM_KIND!r}")
+#: Gemini as a fallback through its OpenAI-compatible endpoint (seed 000): registered when a key is
+#: set, unless GEMINI_ENABLED=false. ORCHESTRATOR_LLM_GEMINI_* are aliases.
+GEMINI_API_KEY = env_str("GEMINI_API_KEY", env_str("ORCHESTRATOR_LLM_GEMINI_API_KEY"))
+GEMINI_ENABLED = env_bool("GEMINI_ENABLED", env_bool("ORCHESTRATOR_LLM_GEMINI_ENABLED", bool(GEMINI_API_KEY)))
+GEMINI_MODEL = env_str("GEMINI_MODEL", env_str("ORCHESTRATOR_LLM_GEMINI_MODEL", "gemini-2.0-flash"))
+GEMINI_BASE_URL = env_str(
+    "GEMINI_BASE_URL",
+    env_str("ORCHESTRATOR_LLM_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com/v1beta/openai/"),
+)
+#: Seconds an LLM call may take over all its providers when the caller gives no timeout.
+ORCHESTRATOR_LLM_TIMEOUT = env_float("ORCHESTRATOR_LLM_TIMEOUT", 120.0)
+#: Largest answer read from an LLM provider, bytes (past it the provider counts as failed).
+ORCHESTRATOR_LLM_MAX_RESPONSE_BYTES = env_int("ORCHESTRATOR_LLM_MAX_RESPONSE_BYTES", 20_000_000)
+#: Largest max_tokens a call may ask for.
+ORCHESTRATOR_LLM_MAX_TOKENS_CAP = env_int("ORCHESTRATOR_LLM_MAX_TOKENS_CAP", 32768)
+#: Circuit breaker per provider (state in the database, shared by all workers): consecutive
+#: failures that open it, and seconds it stays open before one probe call is let through.
+ORCHESTRATOR_LLM_BREAKER_FAILURES = env_int("ORCHESTRATOR_LLM_BREAKER_FAILURES", 3)
+ORCHESTRATOR_LLM_BREAKER_COOLDOWN = env_float("ORCHESTRATOR_LLM_BREAKER_COOLDOWN", 30.0)
+#: Seconds a call's budget reservation is held at most (a worker killed mid-call frees it then).
+ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS = env_float("ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS", 900.0)
+#: Seconds a `wait` budget waits when only calls in flight (not spent tokens) fill it.
+ORCHESTRATOR_LLM_BUDGET_RECHECK = env_float("ORCHESTRATOR_LLM_BUDGET_RECHECK", 5.0)
+
+# --- Documented settings read from the environment (issue 8 section 4) ------------------------------
+#: Where seed 002 `data` tasks without url/call are POSTed.
+ORCHESTRATOR_DATA_SERVICE_URL = env_str("ORCHESTRATOR_DATA_SERVICE_URL")
+#: Largest http step response body kept, bytes.
+ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES = env_int("ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES", 10_000_000)
+
+# --- Workflow generation from plain language (issue 8 section 3: templates_app/generation/) ----------
+#: Repair rounds after the first answer of the model (each sends the loader's or dry run's errors back).
+ORCHESTRATOR_GENERATE_REPAIR_ROUNDS = env_int("ORCHESTRATOR_GENERATE_REPAIR_ROUNDS", 2)
+if not 0 <= ORCHESTRATOR_GENERATE_REPAIR_ROUNDS <= 10:
+    raise ImproperlyConfigured("ORCHESTRATOR_GENERATE_REPAIR_ROUNDS: expected 0..10")
+#: Longest prompt accepted, characters.
+ORCHESTRATOR_GENERATE_MAX_PROMPT = env_int("ORCHESTRATOR_GENERATE_MAX_PROMPT", 4000)
+#: max_tokens of each model answer (reserved on the tenant's token budgets before the call).
+ORCHESTRATOR_GENERATE_MAX_TOKENS = env_int("ORCHESTRATOR_GENERATE_MAX_TOKENS", 4096)
+#: Characters of matching stored templates sent to the model as examples (0: none; small contexts).
+ORCHESTRATOR_GENERATE_EXAMPLE_CHARS = env_int("ORCHESTRATOR_GENERATE_EXAMPLE_CHARS", 6000)
+#: Seconds one model call may take (over all providers).
+ORCHESTRATOR_GENERATE_LLM_TIMEOUT = env_float("ORCHESTRATOR_GENERATE_LLM_TIMEOUT", 120.0)

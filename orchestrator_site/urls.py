@@ -42,6 +42,8 @@ urlpatterns = [
     # events and schedules (scheduler), credentials (agents): same auth, tenancy and errors as runs.api
     path("api/v1/", include("scheduler.api")),
     path("api/v1/", include("agents.api")),
+    # workflow generation from plain language (templates_app: issue 8 section 3)
+    path("api/v1/", include("templates_app.api")),
     re_path(r"^health/?$", health.health, name="health"),
     re_path(r"^ready/?$", health.ready, name="ready"),
     re_path(r"^metrics/?$", health.metrics, name="metrics"),

@@ -24,7 +24,7 @@ from runs import services, tenancy
 from runs.admin import pretty_json
 from runs.choices import TriggerKind
 
-from .models import WorkflowTemplate
+from .models import WorkflowGenerationJob, WorkflowTemplate
 
 
 def _variable_field(name: str, decl: dict[str, Any]) -> forms.Field:
@@ -76,8 +76,18 @@ class RunNowForm(forms.Form):
 
 @admin.register(WorkflowTemplate)
 class WorkflowTemplateAdmin(admin.ModelAdmin):
-    list_display = ["key", "version", "name", "tenant_id", "category", "is_active", "created_at", "run_now_link"]
-    list_filter = ["is_active", "tenant_id", "category"]
+    list_display = [
+        "key",
+        "version",
+        "name",
+        "tenant_id",
+        "category",
+        "is_active",
+        "generated",
+        "created_at",
+        "run_now_link",
+    ]
+    list_filter = ["is_active", "generated", "tenant_id", "category"]
     search_fields = ["key", "name"]
     ordering = ["tenant_id", "key", "-version"]
     list_per_page = 100
@@ -92,6 +102,7 @@ class WorkflowTemplateAdmin(admin.ModelAdmin):
         "description",
         "category",
         "tenant_id",
+        "generated",
         "content_hash",
         "source_path",
         "created_at",
@@ -201,3 +212,61 @@ class WorkflowTemplateAdmin(admin.ModelAdmin):
             "original": template,
         }
         return TemplateResponse(request, "admin/templates_app/workflowtemplate/run_now.html", context)
+
+
+@admin.register(WorkflowGenerationJob)
+class WorkflowGenerationJobAdmin(admin.ModelAdmin):
+    """Generation jobs (read only): prompt, the rounds journal, errors, result and token usage."""
+
+    list_display = ["id", "tenant_id", "status", "planner", "short_prompt", "template", "created_at", "finished_at"]
+    list_filter = ["status", "planner", "tenant_id"]
+    list_select_related = ["template"]
+    search_fields = ["prompt"]
+    ordering = ["-created_at"]
+    list_per_page = 100
+    readonly_fields = [
+        "id",
+        "tenant_id",
+        "user_id",
+        "status",
+        "prompt",
+        "domain",
+        "complexity",
+        "required_services",
+        "save_template",
+        "planner",
+        "template",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "usage",
+        "errors_display",
+        "rounds_display",
+        "result_display",
+    ]
+    fields = readonly_fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return tenancy.scope_for_user(super().get_queryset(request), request.user)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # jobs come from generate_workflow and POST /api/v1/generate
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="prompt")
+    def short_prompt(self, job: WorkflowGenerationJob) -> str:
+        return job.prompt if len(job.prompt) <= 80 else job.prompt[:77] + "..."
+
+    @admin.display(description="errors")
+    def errors_display(self, job: WorkflowGenerationJob) -> str:
+        return pretty_json(job.errors)
+
+    @admin.display(description="rounds")
+    def rounds_display(self, job: WorkflowGenerationJob) -> str:
+        return pretty_json(job.rounds)
+
+    @admin.display(description="result")
+    def result_display(self, job: WorkflowGenerationJob) -> str:
+        return pretty_json(job.result)

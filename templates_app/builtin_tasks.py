@@ -680,3 +680,55 @@ def join_source_report(
         "markdown": markdown,
         "path": path,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Output examples for dry runs (templates_app.generation.dryrun): the shape each callable returns,
+# so a generated workflow's references to these outputs are checked without running them.
+# --------------------------------------------------------------------------------------------
+
+_PACKAGE_ROW = {
+    "name": "example",
+    "version": "1.0",
+    "license": "MIT",
+    "license_source": "expression",
+    "license_classifiers": [],
+    "requires": 0,
+    "requires_runtime": 0,
+    "size_bytes": 0,
+    "files": 0,
+}
+list_distributions.dry_run_output = {"count": 1, "batches": [["example"]]}  # type: ignore[attr-defined]
+inspect_distributions.dry_run_output = [_PACKAGE_ROW]  # type: ignore[attr-defined]
+aggregate_audit.dry_run_output = {  # type: ignore[attr-defined]
+    "total": 1,
+    "total_size_bytes": 0,
+    "licenses": {"MIT": 1},
+    "license_sources": {"expression": 1},
+    "copyleft": [],
+    "copyleft_count": 0,
+    "top_by_size": [_PACKAGE_ROW],
+    "top_by_requires": [_PACKAGE_ROW],
+    "missing": [],
+    "packages": [_PACKAGE_ROW],
+}
+write_audit_report.dry_run_output = {
+    "path": "/dry-run/package-audit.md",
+    "packages": 1,
+    "copyleft_count": 0,
+    "bytes": 0,
+}  # type: ignore[attr-defined]
+list_subpackages.dry_run_output = {
+    "root": "/dry-run",
+    "name": "example",
+    "subpackages": ["/dry-run/a"],
+    "root_files": 0,
+}  # type: ignore[attr-defined]
+join_source_report.dry_run_output = {  # type: ignore[attr-defined]
+    "root": "/dry-run",
+    "name": "example",
+    "totals": {"files": 0, "lines": 0, "code_lines": 0, "functions": 0, "classes": 0, "todo": 0, "parse_errors": 0},
+    "subpackages": [],
+    "markdown": "",
+    "path": None,
+}

@@ -51,6 +51,7 @@ its setting; :func:`render` adds the field (``url``, ``body.text``) it was rende
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import math
@@ -327,10 +328,16 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         # ``output.items`` must be the key "items" of a step output, not the dict method.
         if isinstance(obj, Mapping):
             try:
-                return obj[attribute]
+                return _opened(obj[attribute])
             except (KeyError, TypeError):
-                pass
+                if _is_open_placeholder(obj):
+                    return _OpenPlaceholder(placeholder(f"{obj[PLACEHOLDER_KEY]}.{attribute}"))
         return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if _is_open_placeholder(obj) and isinstance(argument, (str, int)) and argument not in obj:
+            return _OpenPlaceholder(placeholder(f"{obj[PLACEHOLDER_KEY]}[{argument!r}]"))
+        return _opened(super().getitem(obj, argument))
 
     def concat(self, values: tuple[Any, ...]) -> str:
         """``a ~ b ~ c``: the joined length is checked before joining."""
@@ -381,6 +388,51 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 #: Filters whose result is their input turned into text: the input's size is checked first.
+#: Key of a dry-run placeholder: a JSON object ``{"$placeholder": "<where it stands>"}`` that a
+#: stubbed step returns for a value whose shape nobody declared (an HTTP body, a callable's
+#: result). Only while :data:`open_placeholders` is true does any key of it resolve (to a
+#: placeholder again), so a dry run does not fail on what it cannot know; elsewhere it is a
+#: plain mapping.
+PLACEHOLDER_KEY = "$placeholder"
+
+#: True inside a dry run (templates_app.generation.dryrun): placeholders answer every key.
+open_placeholders: contextvars.ContextVar[bool] = contextvars.ContextVar("open_placeholders", default=False)
+
+
+def placeholder(where: str) -> dict[str, str]:
+    """A dry-run placeholder for an unknown value found at ``where`` (``steps.fetch.output.body``)."""
+    return {PLACEHOLDER_KEY: where[:200]}
+
+
+def _is_open_placeholder(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and PLACEHOLDER_KEY in obj and open_placeholders.get()
+
+
+class _OpenPlaceholder(dict):
+    """A placeholder inside a dry run: any key gives a placeholder, an ordering comparison is
+    false, arithmetic gives the placeholder back. Still a dict, so it leaves the sandbox as JSON."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _false(self, other: Any) -> bool:
+        return False
+
+    __lt__ = __le__ = __gt__ = __ge__ = _false  # type: ignore[assignment]
+
+    def _same(self, other: Any) -> _OpenPlaceholder:
+        return self
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _same
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _same
+
+
+def _opened(value: Any) -> Any:
+    """``value``, as an :class:`_OpenPlaceholder` when it is a placeholder and a dry run is on."""
+    if type(value) is dict and PLACEHOLDER_KEY in value and open_placeholders.get():
+        return _OpenPlaceholder(value)
+    return value
+
+
 _SERIALIZING = frozenset(
     {"string", "tojson", "json", "pprint", "urlencode", "e", "escape", "forceescape", "list", "title", "upper"}
 )

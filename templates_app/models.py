@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.db import models
 
 
@@ -24,6 +26,9 @@ class WorkflowTemplate(models.Model):
     content_hash = models.CharField(max_length=64)
     trigger = models.JSONField(default=dict, blank=True)
     is_active = models.BooleanField(default=True)
+    generated = models.BooleanField(
+        default=False, help_text="Written by workflow generation (generate_workflow, POST /api/v1/generate)."
+    )
     tenant_id = models.CharField(max_length=100, default="default", help_text="Slug of the owning tenant.")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -41,3 +46,70 @@ class WorkflowTemplate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} v{self.version}"
+
+
+class GenerationStatus(models.TextChoices):
+    """Status of a :class:`WorkflowGenerationJob`; ``TERMINAL`` below."""
+
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+GENERATION_TERMINAL = frozenset({GenerationStatus.SUCCEEDED, GenerationStatus.FAILED})
+
+
+class Complexity(models.TextChoices):
+    """Seed 002's ``complexity`` of a generation request."""
+
+    LOW = "low", "Low"
+    MEDIUM = "medium", "Medium"
+    HIGH = "high", "High"
+
+
+class WorkflowGenerationJob(models.Model):
+    """One request to turn a plain-language prompt into a workflow (seed 000's ``workflow_generation_jobs``).
+
+    ``rounds`` is the journal: one entry per planner/LLM round ``{"round", "stage", "ok",
+    "errors", "usage", "seconds"}``; ``errors`` the one-line errors of the last round; ``result``
+    the answer of ``POST /api/v1/generate`` (templates_app.generation.GenerationResult.as_dict);
+    ``usage`` the summed LLM token usage ``{"prompt_tokens", "completion_tokens", "total_tokens"}``.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant_id = models.CharField(max_length=100, default="default", help_text="Slug of the owning tenant.")
+    user_id = models.CharField(max_length=150, blank=True)
+    status = models.CharField(max_length=16, choices=GenerationStatus.choices, default=GenerationStatus.QUEUED)
+    prompt = models.TextField()
+    domain = models.CharField(max_length=100, blank=True)
+    complexity = models.CharField(max_length=10, choices=Complexity.choices, default=Complexity.MEDIUM)
+    required_services = models.JSONField(default=list, blank=True)
+    save_template = models.BooleanField(default=False, help_text="Save the workflow as a template version.")
+    planner = models.CharField(max_length=10, blank=True, help_text="memory or llm")
+    rounds = models.JSONField(default=list, blank=True)
+    errors = models.JSONField(default=list, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    usage = models.JSONField(default=dict, blank=True)
+    template = models.ForeignKey(
+        WorkflowTemplate, null=True, blank=True, on_delete=models.SET_NULL, related_name="generation_jobs"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "workflow_generation_jobs"
+        ordering = ["-created_at"]
+        indexes = [
+            # a tenant's jobs, newest first: GET /api/v1/generate and the admin list
+            models.Index(fields=["tenant_id", "-created_at"], name="genjob_tenant_created_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status__in=[s.value for s in GenerationStatus]), name="genjob_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"generation {self.pk} ({self.status})"

@@ -26,8 +26,12 @@ class LoadResult:
     action: str
 
 
-def save_template(spec: dict[str, Any], source: str, source_path: str = "", tenant_id: str = "default") -> LoadResult:
+def save_template(
+    spec: dict[str, Any], source: str, source_path: str = "", tenant_id: str = "default", generated: bool = False
+) -> LoadResult:
     """Store ``spec`` as the newest version of its key in ``tenant_id`` unless the same source is already there.
+
+    ``generated``: the version was written by workflow generation (``WorkflowTemplate.generated``).
 
     Idempotent: the sha256 of ``source`` is compared with the latest version's; a change makes
     version N+1 (older versions stay, runs keep pointing at theirs). Keys are per tenant.
@@ -64,6 +68,7 @@ def save_template(spec: dict[str, Any], source: str, source_path: str = "", tena
                     content_hash=digest,
                     trigger=spec.get("trigger") or {},
                     tenant_id=tenant_id,
+                    generated=generated,
                 )
         except IntegrityError:
             continue

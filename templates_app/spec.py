@@ -1557,3 +1557,133 @@ def validate_inputs(spec: Mapping[str, Any], raw: Mapping[str, Any] | None) -> d
                 except ExpressionError as exc:
                     raise WorkflowError(f"variable {name!r}: {exc.problem}")
     return values
+
+
+# --------------------------------------------------------------------------------------------
+# The canonical format as a JSON Schema (for LLM structured output: templates_app.generation)
+# --------------------------------------------------------------------------------------------
+
+#: Canonical step keys the JSON Schema offers (a subset of the loader's _STEP_KEYS: the other
+#: keys are dialect spellings and flow-control options a generated workflow does not need).
+SCHEMA_STEP_KEYS = (
+    "id",
+    "name",
+    "type",
+    "depends_on",
+    "params",
+    "when",
+    "trigger_rule",
+    "for_each",
+    "as",
+    "condition",
+    "on_success",
+    "on_failure",
+    "timeout",
+    "retry",
+)
+#: Canonical top-level keys the JSON Schema offers (a subset of _TOP_KEYS).
+SCHEMA_TOP_KEYS = ("key", "name", "description", "category", "variables", "outputs", "steps")
+
+
+def json_schema(
+    step_types: list[str] | None = None, params: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The canonical workflow format as a JSON Schema (draft 2020-12), built from this loader's rules.
+
+    Names, patterns and enums come from the loader itself: the slug and step id patterns, the
+    variable types (:data:`VARIABLE_TYPES`), trigger rules, backoffs, and the step types
+    (``step_types``, default: every registered handler type plus :data:`ENGINE_TYPES`). Durations
+    are numbers of seconds. The schema describes shape only: dependencies, cycles and
+    expressions are checked by :func:`load_spec` on the answer, as for a hand-written file.
+
+    ``params``: ``{step type: JSON Schema of its params}``; when given, a step is ``anyOf`` one
+    variant per type (``type`` a const, ``params`` that type's schema), so schema-constrained
+    decoding cannot pair a type with another type's params. Types without an entry keep free-form
+    params.
+
+    Returns a dict; every object has ``additionalProperties: false`` except free-form ``params``
+    and the ``outputs`` mapping.
+    """
+    if step_types is None:
+        step_types = sorted(set(_registry().handler_types()) | ENGINE_TYPES)
+    ids = {"type": "array", "items": {"type": "string", "pattern": f"^{_STEP_ID.pattern}$"}}
+    expression = {"type": "string", "description": "an expression such as ${steps.a.output.ok}"}
+    step_properties: dict[str, Any] = {
+        "id": {"type": "string", "pattern": f"^{_STEP_ID.pattern}$"},
+        "name": {"type": "string"},
+        "type": {"type": "string", "enum": list(step_types)},
+        "depends_on": ids,
+        "params": {"type": "object", "description": "the step type's parameters; values may hold ${...}"},
+        "when": expression,
+        "trigger_rule": {"type": "string", "enum": list(TRIGGER_RULES)},
+        "for_each": expression,
+        "as": {"type": "string", "pattern": f"^{_NAME.pattern}$"},
+        "condition": expression,
+        "on_success": ids,
+        "on_failure": ids,
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "description": "seconds"},
+        "retry": {
+            "type": "object",
+            "properties": {
+                "max_attempts": {"type": "integer", "minimum": 1},
+                "backoff": {"type": "string", "enum": list(BACKOFFS)},
+                "initial_delay": {"type": "number", "minimum": 0},
+                "max_delay": {"type": "number", "minimum": 0},
+                "jitter": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        },
+    }
+    assert set(step_properties) == set(SCHEMA_STEP_KEYS) and set(SCHEMA_STEP_KEYS) <= _STEP_KEYS
+    assert set(SCHEMA_TOP_KEYS) <= _TOP_KEYS
+    variable = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": list(VARIABLE_TYPES)},
+            "required": {"type": "boolean"},
+            "default": {},
+            "description": {"type": "string"},
+        },
+        "required": ["type"],
+        "additionalProperties": False,
+    }
+    assert set(variable["properties"]) == _VARIABLE_KEYS
+    step: dict[str, Any] = {
+        "type": "object",
+        "properties": step_properties,
+        "required": ["id", "type", "depends_on", "params"],
+        "additionalProperties": False,
+    }
+    if params:
+        variants = []
+        for name in step_types:
+            props = dict(step_properties)
+            props["type"] = {"type": "string", "const": name}
+            if name in params:
+                props["params"] = params[name]
+            if name != "condition":  # only condition steps take condition / on_success / on_failure
+                for key in ("condition", "on_success", "on_failure"):
+                    props.pop(key)
+            required = [*step["required"], "condition"] if name == "condition" else step["required"]
+            variants.append({**step, "properties": props, "required": required})
+        step = {"anyOf": variants}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "workflow",
+        "type": "object",
+        "properties": {
+            "key": {"type": "string", "pattern": f"^{_SLUG.pattern}$", "maxLength": 200},
+            "name": {"type": "string", "maxLength": 200},
+            "description": {"type": "string"},
+            "category": {"type": "string", "maxLength": 100},
+            "variables": {
+                "type": "object",
+                "propertyNames": {"pattern": f"^{_NAME.pattern}$"},
+                "additionalProperties": variable,
+            },
+            "outputs": {"type": "object", "additionalProperties": {"type": "string"}},
+            "steps": {"type": "array", "minItems": 1, "items": step},
+        },
+        "required": ["key", "name", "description", "variables", "steps"],
+        "additionalProperties": False,
+    }

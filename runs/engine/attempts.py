@@ -214,7 +214,9 @@ def fail(
     permanent = bool(getattr(error, "permanent", False))
     retry_after = getattr(error, "retry_after", None)
     http_status = getattr(error, "http_status", None)
-    is_timeout = type(error).__name__ == "StepTimeout"
+    from agents.registry import StepTimeout
+
+    is_timeout = isinstance(error, StepTimeout)
     retry = step.spec.get("retry", {})
     if permanent:
         status, result = StepStatus.FAILED, "failed"

@@ -158,7 +158,10 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
         result, _ = _outlasting_outages(
             step, token, lambda: (attempts.fail(step, token, error, resolved=resolved, duration_ms=duration_ms), None)
         )
-    metrics.attempt_finished(step.type, result, time.monotonic() - started)
+    from agents.registry import dry_run
+
+    if dry_run.get() is None:  # a generation's dry run (stubbed handlers) is not production work
+        metrics.attempt_finished(step.type, result, time.monotonic() - started)
     if result != "succeeded":
         log.info("step %s: %s", step.step_id, result, extra={"attempt": step.attempts, "duration_ms": duration_ms})
     return result, next_claim
