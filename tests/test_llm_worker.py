@@ -74,7 +74,7 @@ def test_llm_step_over_a_wait_budget_waits_without_spending_an_attempt(worker, l
     from runs import engine
 
     LLMProvider.objects.create(tenant_id="default", name="scripted", base_url=llm_server.url, model="tiny")
-    TokenBudget.objects.create(tenant_id="default", period="day", limit=100, used=100, policy="wait")
+    TokenBudget.objects.create(tenant_id="default", period="day", limit=10_000, used=10_000, policy="wait")
     run = start("key: waits\nsteps:\n  - {id: ask, type: llm, retry: {max_attempts: 1}, params: {prompt: hi}}\n")
     try:
         deadline = time.time() + 30
@@ -85,7 +85,9 @@ def test_llm_step_over_a_wait_budget_waits_without_spending_an_attempt(worker, l
                 break
             time.sleep(0.1)
         assert step.status == "retry_wait", (step.status, step.error)
-        assert step.attempts == 0
+        # the deferred attempt is kept (outcome `deferred`) and not counted: one real try is left
+        assert step.max_attempts - step.attempts == 1
+        assert list(step.attempt_rows.values_list("outcome", flat=True)) == ["deferred"]
         assert step.next_attempt_at is not None
         assert llm_server.calls() == []
     finally:
