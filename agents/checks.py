@@ -8,7 +8,7 @@ from django.core.checks import Error, Tags, Warning, register
 
 @register(Tags.security)
 def check_fernet_keys(app_configs=None, **kwargs) -> list:
-    """E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key. W001: none is configured."""
+    """E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key."""
     from cryptography.fernet import Fernet
 
     problems = []
@@ -24,15 +24,27 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list:
                     id="agents.E001",
                 )
             )
-    if not keys and not settings.DEBUG and not getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
-        problems.append(
-            Warning(
-                "Credential secrets are encrypted with a key derived from SECRET_KEY.",
-                hint="Set ORCHESTRATOR_FERNET_KEYS (newest first) so SECRET_KEY can change without losing them.",
-                id="agents.W001",
-            )
-        )
     return problems
+
+
+@register(Tags.security, deploy=True)
+def check_fernet_keys_deploy(app_configs=None, **kwargs) -> list:
+    """W001 (``manage.py check --deploy`` only): no ORCHESTRATOR_FERNET_KEYS is configured.
+
+    A deployment concern, like Django's own ``security.W0xx`` checks: it is reported where the
+    operator reviews the deployment, not on every ``migrate``, ``run_workflow`` or
+    ``create_token``, where the user cannot act on it.
+    """
+    keys = getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []
+    if keys or settings.DEBUG or getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
+        return []
+    return [
+        Warning(
+            "Credential secrets are encrypted with a key derived from SECRET_KEY.",
+            hint="Set ORCHESTRATOR_FERNET_KEYS (newest first) so SECRET_KEY can change without losing them.",
+            id="agents.W001",
+        )
+    ]
 
 
 @register(Tags.security)

@@ -28,9 +28,10 @@ def test_tenant_member_token_walkthrough():
     assert run("create_tenant", "acme")[0].startswith("exists  tenant acme")
     out, _ = run("add_member", "acme", "alice", "--create-user", "--role", "owner")
     assert out.strip() == "alice is owner of acme (default tenant)"
-    token, err = run("create_token", "alice", "--days", "7")
-    token = token.strip()
-    assert token.startswith("orch_") and "shown only now" in err
+    out, err = run("create_token", "alice", "--days", "7")
+    explanation, token = out.strip().splitlines()
+    assert token.startswith("orch_") and "shown only now" in explanation
+    assert err == ""  # stderr is for errors only
     client = api_client_for(None)
     me = client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Token {token}").json()
     assert me == {
