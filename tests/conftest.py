@@ -55,9 +55,12 @@ def _clean_reused_database(django_db_setup, django_db_blocker):
     """--reuse-db keeps the schema between sessions; rows an interrupted session left behind are
     removed once at the start (then the data migration's default tenant is put back)."""
     from django.core.management import call_command
+    from django.db import connection
 
     from runs.models import Tenant
 
+    if connection.settings_dict["NAME"] != connection.settings_dict["TEST"]["NAME"]:
+        return  # no test of this session uses the database: pytest-django set none up
     with django_db_blocker.unblock():
         call_command("flush", interactive=False, verbosity=0)
         Tenant.objects.get_or_create(slug="default", defaults={"name": "Default"})
