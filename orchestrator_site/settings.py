@@ -374,3 +374,34 @@ WHITENOISE_USE_FINDERS = True
 Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one
 #: Seconds the admin dashboard waits for Celery workers to answer a ping.
 ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)
+
+
+# --- Operator experience (issue 12): offline API docs, brokers ------------------------------------
+#: Swagger UI and Redoc from our own static files (drf-spectacular-sidecar), never a CDN: the docs
+#: at /api/v1/docs render on a machine with no internet access.
+INSTALLED_APPS += ["drf_spectacular_sidecar"]
+SPECTACULAR_SETTINGS.update(
+    {
+        "SWAGGER_UI_DIST": "SIDECAR",
+        "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+        "REDOC_DIST": "SIDECAR",
+        # the error answers every operation shares (400/401/403/404/409/413/415/503), documented once
+        "POSTPROCESSING_HOOKS": [
+            "drf_spectacular.hooks.postprocess_schema_enums",
+            "runs.api.schema.document_errors",
+        ],
+    }
+)
+#: Where `collectstatic` puts the static files (the Docker image: /app/static); WhiteNoise serves them.
+STATIC_ROOT = Path(env_str("ORCHESTRATOR_STATIC_ROOT", str(STATIC_ROOT)))
+#: A filter given twice or empty is a 400 naming it (django-filter would take the last one or
+#: ignore it), as the schema promises.
+REST_FRAMEWORK["DEFAULT_FILTER_BACKENDS"] = ["runs.api.filters.StrictFilterBackend"]
+#: A CSRF refusal under /api/ is JSON like every other API error.
+CSRF_FAILURE_VIEW = "orchestrator_site.api_errors.csrf_failure"
+
+# --- Logging of worker and beat (issue 12) -------------------------------------------------------
+#: Celery's redirection of stdout/stderr logs every written line as a record, so a traceback
+#: printed on a crash became hundreds of JSON lines. Off: uncaught exceptions are logged as one
+#: record by orchestrator_site.logging (its excepthooks), and tasks do not print.
+CELERY_WORKER_REDIRECT_STDOUTS = env_bool("ORCHESTRATOR_REDIRECT_STDOUTS", False)
