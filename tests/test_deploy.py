@@ -1,14 +1,25 @@
-"""Production mode from ``pip install -r requirements.txt`` alone: a fresh virtualenv (no test
-extras), a migrated PostgreSQL database of its own, then ``celery worker`` and ``celery beat`` on
-the session's broker; the worker answers a ping and executes the sweeper beat sends it.
+"""Deployment, as far as a machine without docker allows:
 
-Measured: about 20 s for the virtualenv (pip takes the wheels from its cache), 30-40 s in all.
+- production mode from ``pip install -r requirements.txt`` alone: a fresh virtualenv (no test
+  extras), a migrated PostgreSQL database of its own, then ``celery worker`` and ``celery beat``
+  on the session's broker; the worker answers a ping (the compose healthcheck's command), runs
+  the sweeper beat sends it, and beat's healthcheck passes;
+- the Dockerfile's RUN steps executed in that virtualenv on a copy of the checkout (apt-get and
+  useradd, which need a container's root, are reported as skipped);
+- docker-compose.yml: every service restarts, has a healthcheck, and the app services wait for
+  the one-shot ``migrate``; ``docker compose config`` where docker compose is installed.
+
+Measured: about 20 s for the virtualenv (pip takes the wheels from its cache), 45 s in all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +29,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 
 from tests.conftest import ROOT
@@ -138,3 +150,121 @@ def test_worker_and_beat_start_from_requirements_txt_alone(venv, prod_database, 
         for proc in procs:
             _stop(proc)
     assert all(proc.returncode is not None for proc in procs)
+    # beat saved when it last sent the sweeper: its compose healthcheck passes
+    health = subprocess.run(
+        [python, "-m", "orchestrator_site.healthcheck", "beat", "--max-age", "600"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert health.returncode == 0, health.stderr
+
+
+# --- the Dockerfile ----------------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "Dockerfile"
+#: Commands that need the container's root (Debian packages, a system user): not run here.
+NEEDS_CONTAINER_ROOT = ("apt-get", "rm -rf /var/lib/apt", "useradd", "mkdir -p /var/lib/orchestrator", "chown")
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in text.splitlines())
+        if line and not line.startswith("#")
+    ]
+
+
+def test_dockerfile_shape():
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    runs = " && ".join(args for name, args in instructions if name == "RUN")
+    assert "apt-get install -y --no-install-recommends bubblewrap" in runs
+    assert "pip install --no-cache-dir -r requirements.txt" in runs
+    assert "collectstatic" in runs
+    users = [args for name, args in instructions if name == "USER"]
+    assert users and users[-1] not in ("root", "0")  # the processes do not run as root
+    assert ("CMD", '["gunicorn", "orchestrator_site.wsgi"]') in instructions
+
+
+def test_dockerfile_run_steps_in_a_fresh_virtualenv(venv, tmp_path):
+    # Given: the build context as COPY sees it (tracked files, minus .dockerignore's)
+    app = tmp_path / "app"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()  # fmt: skip
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith("var/"):
+            (app / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, app / name)
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    skipped, ran = [], []
+    for name, args in dockerfile_instructions():
+        if name == "ENV":
+            for key, value in re.findall(r"(\w+)=(\S+)", args):
+                env[key] = value.replace("/app/", f"{app}/").replace("/var/lib/orchestrator", str(tmp_path / "data"))
+        elif name == "RUN":
+            for command in (part.strip() for part in args.split("&&")):
+                if command.startswith(NEEDS_CONTAINER_ROOT):
+                    skipped.append(command)
+                    continue
+                # When: each build step runs as the image build would (in /app)
+                result = subprocess.run(["bash", "-c", command], cwd=app, env=env, capture_output=True, text=True,
+                                        timeout=900)  # fmt: skip
+                assert result.returncode == 0, f"{command}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
+                ran.append(command)
+    # Then: the dependencies installed and the static files collected where the image serves them
+    assert any(c.startswith("pip install") for c in ran) and any("collectstatic" in c for c in ran), ran
+    static = app / "static"
+    assert (static / "admin" / "css" / "base.css").is_file()
+    assert (static / "drf_spectacular_sidecar" / "swagger-ui-dist" / "swagger-ui-bundle.js").is_file()
+    assert any(c.startswith("apt-get install") for c in skipped), skipped  # needs the container's root
+
+
+# --- docker-compose.yml ------------------------------------------------------------------------
+
+COMPOSE = ROOT / "docker-compose.yml"
+APP_SERVICES = ("web", "worker", "worker-system", "beat")
+
+
+def test_compose_services_restart_have_healthchecks_and_wait_for_migrate():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert set(APP_SERVICES) | {"migrate", "postgres", "redis"} <= set(services)
+    for name, service in services.items():
+        assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
+        if name != "migrate":  # a one-shot job has nothing to check once it exited
+            assert service.get("healthcheck", {}).get("test"), name
+    for name in APP_SERVICES:
+        service = services[name]
+        assert service["build"] == "." and service["image"] == "orchestrator:latest", name  # one image
+        assert service["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+        assert "pip install" not in json.dumps(service["command"]), name  # installed in the image
+    assert "migrate" in " ".join(services["migrate"]["command"])
+    assert services["worker"]["healthcheck"]["test"][1].startswith("celery -A orchestrator_site inspect ping")
+    assert "ORCHESTRATOR_SYSTEM_QUEUE" in " ".join(services["worker-system"]["command"])
+    assert services["web"]["environment"]["ORCHESTRATOR_WEB_WORKERS"] == "${ORCHESTRATOR_WEB_WORKERS:-4}"
+
+
+def test_gunicorn_conf_reads_the_workers_from_the_environment():
+    code = "import runpy; c = runpy.run_path('gunicorn.conf.py'); print(c['workers'], c['bind'])"
+    env = {**os.environ, "ORCHESTRATOR_WEB_WORKERS": "7", "ORCHESTRATOR_WEB_BIND": "127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.stdout.split() == ["7", "127.0.0.1:9"], result.stderr
+
+
+def _docker_compose() -> list[str] | None:
+    for argv in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(argv[0]) and subprocess.run([*argv, "version"], capture_output=True).returncode == 0:
+            return argv
+    return None
+
+
+@pytest.mark.skipif(_docker_compose() is None, reason="docker compose is not installed on this machine")
+def test_docker_compose_config_accepts_the_file():
+    argv = _docker_compose()
+    env = {**os.environ, "DJANGO_SECRET_KEY": "compose-config-check"}
+    result = subprocess.run([*argv, "-f", str(COMPOSE), "config", "-q"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, shlex.join(argv) + ": " + result.stderr
