@@ -405,3 +405,26 @@ CSRF_FAILURE_VIEW = "orchestrator_site.api_errors.csrf_failure"
 #: printed on a crash became hundreds of JSON lines. Off: uncaught exceptions are logged as one
 #: record by orchestrator_site.logging (its excepthooks), and tasks do not print.
 CELERY_WORKER_REDIRECT_STDOUTS = env_bool("ORCHESTRATOR_REDIRECT_STDOUTS", False)
+
+# --- RabbitMQ (issue 12) ----------------------------------------------------------------------
+# CELERY_BROKER_URL=amqp://user:password@host:5672/vhost selects RabbitMQ, Celery's recommended
+# production broker; orchestrator_site/brokers.py has what differs from Redis.
+if CELERY_BROKER_URL.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp"):
+    #: Run priority: every queue Celery declares gets `x-max-priority: 9`; brokers.py maps the
+    #: platform's 0 = most urgent onto RabbitMQ's 9 = highest. (An existing queue declared without
+    #: it must be deleted once: RabbitMQ refuses to redeclare a queue with other arguments.)
+    CELERY_TASK_QUEUE_MAX_PRIORITY = 9
+    #: No visibility timeout on RabbitMQ: an unacked message goes back to the queue when its
+    #: consumer's connection or channel closes (worker killed), not after a timer. The server's
+    #: `consumer_timeout` (default 30 min) closes a channel whose delivery stays unacked longer:
+    #: with acks_late that is a step running longer than it. Set it above your longest step
+    #: (rabbitmq.conf `consumer_timeout = 10800000`, milliseconds); a redelivered step finds its
+    #: lease held and is not run twice, so a too-short timeout costs a redelivery, not a duplicate.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # publisher confirms: a message counts as sent once RabbitMQ has it
+        "confirm_publish": env_bool("ORCHESTRATOR_AMQP_CONFIRM_PUBLISH", True),
+    }
+    #: AMQP heartbeat (seconds): a dead TCP peer is noticed within about two of them.
+    CELERY_BROKER_HEARTBEAT = env_int("ORCHESTRATOR_AMQP_HEARTBEAT", 60)
+    #: Connections kept open per process for publishing.
+    CELERY_BROKER_POOL_LIMIT = env_int("ORCHESTRATOR_AMQP_POOL_LIMIT", 10)
