@@ -77,3 +77,35 @@ def test_serve_metrics_reads_every_process_files():
     text = generate_latest(ServeMetrics().registry()).decode()
     assert "orchestrator_tasks_scheduled_total" in text
     assert "task_queue_jobs" not in text  # database gauges are the web's
+
+
+def test_commands_print_no_warning_a_user_cannot_act_on(tmp_path, settings):
+    # Given: a production-shaped environment without ORCHESTRATOR_FERNET_KEYS
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    db = settings.DATABASES["default"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_SETTINGS", "ORCHESTRATOR_"))}
+    server = f"{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+    env.update(
+        DATABASE_URL=f"postgres://{server}/{db['NAME']}",
+        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        DJANGO_SECRET_KEY="commands-check",
+        ORCHESTRATOR_DATA_DIR=str(tmp_path),
+    )
+
+    def manage(*args):
+        return subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    # When / Then: everyday commands keep stderr for errors
+    for args in (["check"], ["showmigrations", "runs"], ["create_token", "--help"]):
+        result = manage(*args)
+        assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
+    # ...while the deployment review still reports the missing key
+    deploy = manage("check", "--deploy")
+    assert "agents.W001" in deploy.stderr

@@ -87,3 +87,9 @@ def test_a_crash_outside_drf_is_a_json_500_under_api(settings):
     assert response.status_code == 500
     assert response["Content-Type"] == "application/json"
     assert response.json() == {"detail": "internal error (request id req-500-check)"}
+
+
+def test_misspelled_template_key_gets_a_suggestion_in_the_api(owner, chain_template):
+    response = api_client_for(owner).post("/api/v1/runs", {"template": "chian", "variables": {"n": 1}}, format="json")
+    assert response.status_code in (400, 404)
+    assert response.json()["detail"].endswith("no template with key 'chian' (did you mean 'chain'?)")
