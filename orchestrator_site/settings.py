@@ -376,7 +376,7 @@ Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a
 ORCHESTRATOR_PING_TIMEOUT = env_float("ORCHESTRATOR_PING_TIMEOUT", 0.5)
 
 
-# --- Operator experience (issue 12): offline API docs, brokers ------------------------------------
+# --- Operator experience (issue 12): offline API docs, API errors, static files ------------------
 #: Swagger UI and Redoc from our own static files (drf-spectacular-sidecar), never a CDN: the docs
 #: at /api/v1/docs render on a machine with no internet access.
 INSTALLED_APPS += ["drf_spectacular_sidecar"]
@@ -385,7 +385,7 @@ SPECTACULAR_SETTINGS.update(
         "SWAGGER_UI_DIST": "SIDECAR",
         "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
         "REDOC_DIST": "SIDECAR",
-        # the error answers every operation shares (400/401/403/404/409/413/415/503), documented once
+        # the error answers every operation shares (400/401/403/404/409/413/414/415/503), documented once
         "POSTPROCESSING_HOOKS": [
             "drf_spectacular.hooks.postprocess_schema_enums",
             "runs.api.schema.document_errors",
