@@ -7,7 +7,8 @@
 - the Dockerfile's RUN steps executed in that virtualenv on a copy of the checkout (apt-get and
   useradd, which need a container's root, are reported as skipped);
 - docker-compose.yml: every service restarts, has a healthcheck, and the app services wait for
-  the one-shot ``migrate``; ``docker compose config`` where docker compose is installed.
+  the one-shot ``migrate``; ``docker compose config`` (or Debian's ``docker-compose config``,
+  installed by .ci/run) validates it, skipped with the reason where neither is installed.
 
 Measured: about 20 s for the virtualenv (pip takes the wheels from its cache), 45 s in all.
 """
