@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import serializers, viewsets
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.routers import SimpleRouter
 
+from runs.api.fields import StrictCharField, StrictStringsMixin
 from runs.api.parsers import StrictJSONParser
 from runs.api.permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
 
@@ -22,11 +24,19 @@ from . import credentials
 from .models import Credential, CredentialKind
 
 
-class CredentialSerializer(serializers.ModelSerializer):
-    secret = serializers.CharField(
+class CredentialSerializer(StrictStringsMixin, serializers.ModelSerializer):
+    """A credential of the tenant: alias, kind and where it may be sent; the secret is write-only."""
+
+    secret = StrictCharField(
         write_only=True, required=False, trim_whitespace=False, max_length=10_000, help_text="Write-only."
     )
     has_secret = serializers.SerializerMethodField()
+    allowed_hosts = serializers.ListField(
+        child=StrictCharField(max_length=253, validators=[RegexValidator(r"\S")]),
+        required=False,
+        max_length=100,
+        help_text='Hosts the secret may be sent to, e.g. ["api.example.com", "*.example.org"].',
+    )
 
     class Meta:
         model = Credential
@@ -88,10 +98,20 @@ class CredentialSerializer(serializers.ModelSerializer):
         return self._save(instance, dict(validated_data))
 
 
+class CredentialCreateSerializer(CredentialSerializer):
+    """The body of a create (schema only): the secret is required there."""
+
+    secret = StrictCharField(write_only=True, trim_whitespace=False, max_length=10_000, help_text="Write-only.")
+
+
 @extend_schema_view(
     list=extend_schema(summary="List credentials (never their secrets)", parameters=[TENANT_PARAMETER]),
     retrieve=extend_schema(summary="One credential (never its secret)", parameters=[TENANT_PARAMETER]),
-    create=extend_schema(summary="Store a credential; the secret is encrypted at rest", parameters=[TENANT_PARAMETER]),
+    create=extend_schema(
+        summary="Store a credential; the secret is encrypted at rest",
+        parameters=[TENANT_PARAMETER],
+        request=CredentialCreateSerializer,
+    ),
     update=extend_schema(summary="Change a credential (send secret to replace it)", parameters=[TENANT_PARAMETER]),
     partial_update=extend_schema(summary="Change some fields of a credential", parameters=[TENANT_PARAMETER]),
     destroy=extend_schema(summary="Delete a credential", parameters=[TENANT_PARAMETER]),

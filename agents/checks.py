@@ -51,6 +51,26 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list:
     return problems
 
 
+@register(Tags.security, deploy=True)
+def check_fernet_keys_deploy(app_configs=None, **kwargs) -> list:
+    """W001 (``manage.py check --deploy`` only): no ORCHESTRATOR_FERNET_KEYS is configured.
+
+    A deployment concern, like Django's own ``security.W0xx`` checks: it is reported where the
+    operator reviews the deployment, not on every ``migrate``, ``run_workflow`` or
+    ``create_token``, where the user cannot act on it.
+    """
+    keys = getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []
+    if keys or settings.DEBUG or getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
+        return []
+    return [
+        Warning(
+            "Credential secrets are encrypted with a key derived from SECRET_KEY.",
+            hint="Set ORCHESTRATOR_FERNET_KEYS (newest first) so SECRET_KEY can change without losing them.",
+            id="agents.W001",
+        )
+    ]
+
+
 @register(Tags.security)
 def check_service_jwt(app_configs=None, **kwargs) -> list:
     """E002: the service JWT algorithm is unknown, or an asymmetric one has no PEM private key."""

@@ -12,6 +12,14 @@ Web and worker processes log through the same configuration (``LOGGING`` in sett
   "message", "process", ...context, ...extra}``.
 
 ``ORCHESTRATOR_LOG_FORMAT=text`` switches to plain lines for local debugging.
+
+A traceback is part of its record (the ``exc_info`` field of the one JSON line), never a line
+of its own: Celery's stdout/stderr redirection (which logs every written line as a record) is off
+(``CELERY_WORKER_REDIRECT_STDOUTS``), and :class:`StderrHandler` installs ``sys.excepthook`` /
+``threading.excepthook`` so that an uncaught exception (beat crashing on an unmigrated database,
+a command dying) is logged as one CRITICAL record instead of being printed line by line.
+gunicorn logs through the same formatter (gunicorn.conf.py: ``logconfig_dict`` from
+:func:`build_logging_config` with ``gunicorn=True``).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
+import threading
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -150,6 +160,42 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{fields}]" if fields else line
 
 
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("orchestrator.crash").critical(
+        "uncaught %s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb)
+    )
+
+
+def _log_uncaught_in_thread(args: Any) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("orchestrator.crash").critical(
+        "uncaught %s in thread %s: %s",
+        args.exc_type.__name__,
+        getattr(args.thread, "name", "?"),
+        args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+def install_excepthooks() -> None:
+    """Log uncaught exceptions (main thread and other threads) as one record with the traceback."""
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+class StderrHandler(logging.StreamHandler):
+    """The one handler of ``LOGGING``: stderr, and uncaught exceptions logged through it
+    (:func:`install_excepthooks`) so that they are one JSON record too."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        install_excepthooks()
+
+
 class RequestContextMiddleware:
     """Bind a request id (the caller's ``X-Request-ID`` when sane, else a new one) for the request.
 
@@ -168,9 +214,11 @@ class RequestContextMiddleware:
         return response
 
 
-def build_logging_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
+def build_logging_config(level: str = "INFO", fmt: str = "json", *, gunicorn: bool = False) -> dict[str, Any]:
     """The ``LOGGING`` dict: stderr, JSON (or ``fmt="text"``), context and redaction filters.
 
+    ``gunicorn=True`` adds gunicorn's ``gunicorn.error`` (at ``level``) and ``gunicorn.access``
+    (INFO: one record per request) loggers, for gunicorn's ``logconfig_dict``.
     Raises ValueError on an unknown ``fmt``.
     """
     if fmt not in ("json", "text"):
@@ -188,7 +236,7 @@ def build_logging_config(level: str = "INFO", fmt: str = "json") -> dict[str, An
         },
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "()": "orchestrator_site.logging.StderrHandler",
                 "formatter": fmt,
                 "filters": ["context", "redact"],
             }
@@ -200,5 +248,13 @@ def build_logging_config(level: str = "INFO", fmt: str = "json") -> dict[str, An
             # one INFO line per request with the full URL (query string and any key in it):
             # warnings only (RedactFilter strips query strings from what still gets through)
             **{name: {"level": "WARNING", "propagate": True} for name in URL_LOGGERS},
+            **(
+                {
+                    "gunicorn.error": {"handlers": ["stderr"], "level": level, "propagate": False},
+                    "gunicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+                }
+                if gunicorn
+                else {}
+            ),
         },
     }

@@ -553,3 +553,57 @@ ORCHESTRATOR_GENERATE_MAX_TOKENS = env_int("ORCHESTRATOR_GENERATE_MAX_TOKENS", 4
 ORCHESTRATOR_GENERATE_EXAMPLE_CHARS = env_int("ORCHESTRATOR_GENERATE_EXAMPLE_CHARS", 6000)
 #: Seconds one model call may take (over all providers).
 ORCHESTRATOR_GENERATE_LLM_TIMEOUT = env_float("ORCHESTRATOR_GENERATE_LLM_TIMEOUT", 120.0)
+
+
+# --- Operator experience (issue 12): offline API docs, API errors, static files ------------------
+#: Swagger UI and Redoc from our own static files (drf-spectacular-sidecar), never a CDN: the docs
+#: at /api/v1/docs render on a machine with no internet access.
+INSTALLED_APPS += ["drf_spectacular_sidecar"]
+SPECTACULAR_SETTINGS.update(
+    {
+        "SWAGGER_UI_DIST": "SIDECAR",
+        "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+        "REDOC_DIST": "SIDECAR",
+        # the error answers every operation shares (400/401/403/404/409/413/414/415/503), documented once
+        "POSTPROCESSING_HOOKS": [
+            "drf_spectacular.hooks.postprocess_schema_enums",
+            "runs.api.schema.document_errors",
+        ],
+    }
+)
+#: Where `collectstatic` puts the static files (the Docker image: /app/static); WhiteNoise serves them.
+STATIC_ROOT = Path(env_str("ORCHESTRATOR_STATIC_ROOT", str(STATIC_ROOT)))
+#: A filter given twice or empty is a 400 naming it (django-filter would take the last one or
+#: ignore it), as the schema promises.
+REST_FRAMEWORK["DEFAULT_FILTER_BACKENDS"] = ["runs.api.filters.StrictFilterBackend"]
+#: A CSRF refusal under /api/ is JSON like every other API error.
+CSRF_FAILURE_VIEW = "orchestrator_site.api_errors.csrf_failure"
+
+# --- Logging of worker and beat (issue 12) -------------------------------------------------------
+#: Celery's redirection of stdout/stderr logs every written line as a record, so a traceback
+#: printed on a crash became hundreds of JSON lines. Off: uncaught exceptions are logged as one
+#: record by orchestrator_site.logging (its excepthooks), and tasks do not print.
+CELERY_WORKER_REDIRECT_STDOUTS = env_bool("ORCHESTRATOR_REDIRECT_STDOUTS", False)
+
+# --- RabbitMQ (issue 12) ----------------------------------------------------------------------
+# CELERY_BROKER_URL=amqp://user:password@host:5672/vhost selects RabbitMQ, Celery's recommended
+# production broker; orchestrator_site/brokers.py has what differs from Redis.
+if CELERY_BROKER_URL.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp"):
+    #: Run priority: every queue Celery declares gets `x-max-priority: 9`; brokers.py maps the
+    #: platform's 0 = most urgent onto RabbitMQ's 9 = highest. (An existing queue declared without
+    #: it must be deleted once: RabbitMQ refuses to redeclare a queue with other arguments.)
+    CELERY_TASK_QUEUE_MAX_PRIORITY = 9
+    #: No visibility timeout on RabbitMQ: an unacked message goes back to the queue when its
+    #: consumer's connection or channel closes (worker killed), not after a timer. The server's
+    #: `consumer_timeout` (default 30 min) closes a channel whose delivery stays unacked longer:
+    #: with acks_late that is a step running longer than it. Set it above your longest step
+    #: (rabbitmq.conf `consumer_timeout = 10800000`, milliseconds); a redelivered step finds its
+    #: lease held and is not run twice, so a too-short timeout costs a redelivery, not a duplicate.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # publisher confirms: a message counts as sent once RabbitMQ has it
+        "confirm_publish": env_bool("ORCHESTRATOR_AMQP_CONFIRM_PUBLISH", True),
+    }
+    #: AMQP heartbeat (seconds): a dead TCP peer is noticed within about two of them.
+    CELERY_BROKER_HEARTBEAT = env_int("ORCHESTRATOR_AMQP_HEARTBEAT", 60)
+    #: Connections kept open per process for publishing.
+    CELERY_BROKER_POOL_LIMIT = env_int("ORCHESTRATOR_AMQP_POOL_LIMIT", 10)

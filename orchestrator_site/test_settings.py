@@ -7,7 +7,11 @@ import tempfile
 if os.environ.get("ORCHESTRATOR_TEST_SQLITE"):
     os.environ.setdefault("DATABASE_URL", f"sqlite:///{tempfile.gettempdir()}/orchestrator-main.sqlite3")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
-os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+# Names of this project's test suite only, so that a run next to anything else on the machine
+# (the shared `test_orchestrator` database, Redis DB 0) disturbs nothing: the Redis database
+# number 9 and the test database `test_orchestrator_suite` below. Both can be overridden
+# (CELERY_BROKER_URL, ORCHESTRATOR_TEST_DB), e.g. amqp://guest:guest@127.0.0.1:5672// for RabbitMQ.
+os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/9")
 # A queue of this test session only: messages left by other sessions never reach its worker.
 os.environ.setdefault("ORCHESTRATOR_QUEUE", f"orchestrator-test-{os.getpid()}")
 # Metric files of this session only (the worker subprocess inherits the variable).
@@ -21,7 +25,7 @@ os.environ.setdefault("ORCHESTRATOR_FERNET_KEYS", "peUzMMa49ouYSTHc-2pSNjsRwsGBo
 from .settings import *  # noqa: E402,F403
 
 # Sessions running side by side (e.g. two checkouts) can each take their own test database.
-DATABASES["default"]["TEST"] = {"NAME": os.environ.get("ORCHESTRATOR_TEST_DB", "test_orchestrator")}  # noqa: F405
+DATABASES["default"]["TEST"] = {"NAME": os.environ.get("ORCHESTRATOR_TEST_DB", "test_orchestrator_suite")}  # noqa: F405
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # The engine suite on the embedded default's database (tests/README: ORCHESTRATOR_TEST_SQLITE):
     # a file, so that the worker process shares it with the tests.

@@ -12,7 +12,7 @@ from django.views.decorators.cache import never_cache
 from runs.admin_views import dashboard
 from runs.api.throttling import LoginFailureThrottle, LoginRateThrottle
 
-from . import health
+from . import api_errors, health
 
 
 @never_cache
@@ -44,7 +44,13 @@ urlpatterns = [
     path("api/v1/", include("agents.api")),
     # workflow generation from plain language (templates_app: issue 8 section 3)
     path("api/v1/", include("templates_app.api")),
+    # anything else under /api/ is a JSON 404, never Django's HTML page
+    re_path(r"^api/(?P<path>.*)$", api_errors.api_not_found, name="api-not-found"),
     re_path(r"^health/?$", health.health, name="health"),
     re_path(r"^ready/?$", health.ready, name="ready"),
     re_path(r"^metrics/?$", health.metrics, name="metrics"),
 ]
+
+# Errors Django answers itself (outside a DRF view) are JSON under /api/ as well.
+handler404 = api_errors.handler404
+handler500 = api_errors.handler500

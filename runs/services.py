@@ -22,7 +22,7 @@ from django.db import transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
-from templates_app.errors import WorkflowError, one_line
+from templates_app.errors import TemplateNotFound, WorkflowError, one_line
 
 from . import engine
 from .choices import (
@@ -111,6 +111,8 @@ def create_run(
             return _replay(existing, fingerprint), False
     try:
         template = get_template(template_key, version, tenant_id=tenant)
+    except TemplateNotFound as exc:
+        raise NotFound(str(exc))
     except WorkflowError as exc:
         raise Invalid(str(exc))
     try:
@@ -134,6 +136,8 @@ def create_run(
                 created = Run.objects.filter(pk=run.pk, request_hash="").update(**changes) == 1
                 if created:
                     run.request_hash, run.metadata = changes["request_hash"], metadata or run.metadata
+    except TemplateNotFound as exc:
+        raise NotFound(str(exc))
     except WorkflowError as exc:
         raise Invalid(str(exc))
     if not created:
@@ -192,6 +196,8 @@ def create_runs(
             tenant_id=tenant,
             user_id=user_id[:200],
         )
+    except TemplateNotFound as exc:
+        raise NotFound(str(exc))
     except WorkflowError as exc:
         raise Invalid(str(exc))
     log.info("runs created in a batch", extra={"template": template.key, "count": len(runs), "tenant": tenant})
@@ -222,6 +228,8 @@ def dispatch(
     payload = payload or {}
     try:
         declared = get_template(workflow_key, tenant_id=tenant).spec.get("variables") or {}
+    except TemplateNotFound as exc:
+        raise NotFound(str(exc))
     except WorkflowError as exc:
         raise Invalid(str(exc))
     variables = {k: v for k, v in payload.items() if k in declared and "expr" not in declared[k]}
@@ -263,6 +271,8 @@ def rerun(run: Run, *, user_id: str = "") -> Run:
             Run.objects.filter(pk=new.pk).update(rerun_of=run, metadata=run.metadata or {})
             new.rerun_of = run
             Trace.objects.create(run=new, kind=TraceKind.STATE, message=f"rerun of run {run.pk}")
+    except TemplateNotFound as exc:
+        raise NotFound(str(exc))
     except WorkflowError as exc:
         raise Invalid(str(exc))
     log.info("run rerun", extra={"run_id": str(new.pk), "rerun_of": str(run.pk), "tenant": run.tenant_id})

@@ -24,7 +24,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.routers import SimpleRouter
 
-from runs.api.pagination import NewestFirstPagination
+from runs.api.fields import StrictCharField, StrictStringsMixin
+from runs.api.pagination import NamePagination, NewestFirstPagination
 from runs.api.parsers import StrictJSONParser
 from runs.api.permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
 
@@ -35,12 +36,12 @@ from .models import IntentEvent, Schedule, ScheduleSource
 
 
 class EventInSerializer(serializers.Serializer):
-    type = serializers.CharField(max_length=200, help_text="Event type; templates whose trigger lists it start.")
-    event_id = serializers.CharField(
+    type = StrictCharField(max_length=200, help_text="Event type; templates whose trigger lists it start.")
+    event_id = StrictCharField(
         max_length=200, required=False, allow_blank=True, help_text="Your id; a repeat is a no-op (default: new)."
     )
-    user_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    intent_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    user_id = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
+    intent_id = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
     payload = serializers.DictField(required=False, default=dict, help_text="Any JSON object.")
     priority = serializers.IntegerField(min_value=0, max_value=9, required=False, default=5)
 
@@ -69,8 +70,11 @@ class EventDispatchResultSerializer(serializers.Serializer):
     event = EventSerializer()
 
 
-class ScheduleSerializer(serializers.ModelSerializer):
+class ScheduleSerializer(StrictStringsMixin, serializers.ModelSerializer):
+    """A cron or interval schedule starting runs of a template (exactly one of cron and interval)."""
+
     when = serializers.CharField(read_only=True)
+    variables = serializers.DictField(required=False, help_text="Variables of every run it starts.")
 
     class Meta:
         model = Schedule
@@ -160,12 +164,12 @@ class EventViewSet(_Base, mixins.ListModelMixin, mixins.RetrieveModelMixin, view
 )
 class ScheduleViewSet(_Base, viewsets.ModelViewSet):
     serializer_class = ScheduleSerializer
-    pagination_class = None
+    pagination_class = NamePagination  # `{"next", "previous", "results"}` like every list
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular reads the model only
             return Schedule.objects.none()
-        return self.scoped(Schedule.objects.all()).order_by("name")
+        return self.scoped(Schedule.objects.all())
 
     def perform_create(self, serializer: ScheduleSerializer) -> None:
         schedule = Schedule(tenant_id=self.tenant.slug, source=ScheduleSource.USER, **serializer.validated_data)

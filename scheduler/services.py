@@ -296,6 +296,16 @@ class Dispatch:
     errors: list[dict[str, str]] = field(default_factory=list)
 
 
+def known_event_types(tenant_id: str) -> set[str]:
+    """Every event type a trigger of an active template of the tenant lists."""
+    from templates_app.models import WorkflowTemplate
+
+    triggers = WorkflowTemplate.objects.filter(
+        tenant_id=tenant_id, is_active=True, trigger__type__in=["event", "cron_or_event"]
+    ).values_list("trigger", flat=True)
+    return {str(t) for trigger in triggers for t in ((trigger or {}).get("event_types") or [])}
+
+
 def matching_templates(tenant_id: str, event_type: str) -> list[Any]:
     """Latest active version of each template of the tenant whose trigger lists ``event_type``."""
     from templates_app.models import WorkflowTemplate

@@ -6,9 +6,11 @@ print it as is (``CommandError(str(exc))``) and an API can return it in a JSON f
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
-__all__ = ["ExpressionError", "WorkflowError", "one_line"]
+__all__ = ["ExpressionError", "TemplateNotFound", "WorkflowError", "did_you_mean", "one_line"]
 
 _WHITESPACE = re.compile(r"\s+")
 _MAX_MESSAGE = 1000
@@ -23,6 +25,15 @@ def one_line(text: object, limit: int = _MAX_MESSAGE) -> str:
     if len(line) > limit:
         line = line[: limit - 3].rstrip() + "..."
     return line
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``known`` to a misspelled ``name``, else ``""``.
+
+    Closeness is difflib's ``get_close_matches`` ratio (at least 0.6, the best one only).
+    """
+    matches = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
 
 
 class WorkflowError(ValueError):
@@ -60,3 +71,8 @@ class ExpressionError(WorkflowError):
     Raised by :mod:`templates_app.expressions` at compile time (syntax) and at evaluation time
     (undefined names, type errors, sandbox refusals). One line, like every WorkflowError.
     """
+
+
+class TemplateNotFound(WorkflowError):
+    """No template (or no such version) with that key in the tenant: a 404 in the API, exit code
+    2 in the commands (it is a WorkflowError)."""

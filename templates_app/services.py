@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from .errors import WorkflowError
+from .errors import TemplateNotFound, WorkflowError, did_you_mean
 from .models import WorkflowTemplate
 
 #: The templates shipped with the platform.
@@ -117,14 +117,17 @@ def load_builtin_templates(tenant_id: str = "default") -> list[LoadResult]:
 
 
 def get_template(key: str, version: int | None = None, tenant_id: str = "default") -> WorkflowTemplate:
-    """The given version of ``key`` in ``tenant_id``, or its latest active version. Raises WorkflowError if none."""
+    """The given version of ``key`` in ``tenant_id``, or its latest active version. Raises TemplateNotFound
+    (a WorkflowError) if none, suggesting the closest key of the tenant."""
     qs = WorkflowTemplate.objects.filter(tenant_id=tenant_id, key=key)
     if version is not None:
         template = qs.filter(version=version).first()
         if template is None:
-            raise WorkflowError(f"template '{key}' has no version {version}")
+            raise TemplateNotFound(f"template '{key}' has no version {version}")
         return template
     template = qs.filter(is_active=True).order_by("-version").first()
     if template is None:
-        raise WorkflowError(f"no template with key '{key}' (load it with `manage.py load_templates`)")
+        known = WorkflowTemplate.objects.filter(tenant_id=tenant_id, is_active=True).values_list("key", flat=True)
+        hint = did_you_mean(key, known) or " (load it with `manage.py load_templates`)"
+        raise TemplateNotFound(f"no template with key '{key}'{hint}")
     return template

@@ -29,14 +29,43 @@ WORKER_SECRET_KEY = "django-secret-CANARY-9c41d7e2b8"
 TEST_CALLABLES = "agents.testing.echo,agents.testing.fail,agents.testing.flaky"
 
 
+FAULTS_HELP = "restarts the shared PostgreSQL/Redis: run with ORCHESTRATOR_FAULTS=1 or -m faults"
+
+
+def faults_requested(config) -> bool:
+    """True when this session was asked for the fault suite (``ORCHESTRATOR_FAULTS=1`` or a
+    ``-m`` expression naming ``faults`` without negating it)."""
+    markexpr = (config.getoption("markexpr", "") or "").replace(" ", "")
+    return os.environ.get("ORCHESTRATOR_FAULTS", "") == "1" or ("faults" in markexpr and "notfaults" not in markexpr)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fault suite (tests/faults: kills workers, restarts PostgreSQL and Redis) runs only on
+    request, so the default run leaves the machine's servers alone."""
+    if faults_requested(config):
+        return
+    skip = pytest.mark.skip(reason=f"fault test: {FAULTS_HELP}")
+    for item in items:
+        if item.get_closest_marker("faults"):
+            item.add_marker(skip)
+
+
+def pytest_itemcollected(item):
+    if "tests/faults/" in item.nodeid.replace("\\", "/"):
+        item.add_marker(pytest.mark.faults)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _clean_reused_database(django_db_setup, django_db_blocker):
     """--reuse-db keeps the schema between sessions; rows an interrupted session left behind are
     removed once at the start (then the data migration's default tenant is put back)."""
     from django.core.management import call_command
+    from django.db import connection
 
     from runs.models import Tenant
 
+    if connection.settings_dict["NAME"] != connection.settings_dict["TEST"]["NAME"]:
+        return  # no test of this session uses the database: pytest-django set none up
     with django_db_blocker.unblock():
         call_command("flush", interactive=False, verbosity=0)
         Tenant.objects.get_or_create(slug="default", defaults={"name": "Default"})

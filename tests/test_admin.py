@@ -1,15 +1,14 @@
 """The admin as operations console: the dashboard, run/step/attempt/trace pages, tenant scoping for
 staff who are not superusers, the operator actions (retry, cancel, rerun, requeue dead, run now),
-bounded queries, and a change list of 100,000 runs that opens in under a second."""
+bounded queries, and a change list of 100,000 runs built without full counts, DISTINCT or JSON columns."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from runs import engine
 from runs.management.commands.add_member import Command as AddMember
@@ -252,7 +251,9 @@ def test_requeue_action_on_steps_and_rerun_action(worker, root_client, owner, tm
     assert wait_for_run(rerun.pk).status == "succeeded"  # the flaky counter is past its failure
 
 
-def test_change_list_of_100k_runs_opens_in_under_a_second(root_client, staff_client, chain_template):
+def test_change_list_of_100k_runs_reads_no_full_count_distinct_or_json(root_client, staff_client, chain_template):
+    # How fast it opens is measured in bench/, not asserted here (a loaded machine is no failure);
+    # what keeps it fast on a big table is asserted: the statements it runs.
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -274,12 +275,17 @@ def test_change_list_of_100k_runs_opens_in_under_a_second(root_client, staff_cli
         (staff_client, ""),
         (root_client, "?p=50"),
     ):
-        client.get(f"/admin/runs/run/{query}")  # warm the plan cache of the connection
-        started = time.monotonic()
-        response = client.get(f"/admin/runs/run/{query}")
-        elapsed = time.monotonic() - started
+        with CaptureQueriesContext(connection) as queries:
+            response = client.get(f"/admin/runs/run/{query}")
         assert response.status_code == 200, query
-        assert elapsed < 1.0, f"/admin/runs/run/{query} took {elapsed:.2f} s"
+        on_runs = [q["sql"] for q in queries.captured_queries if 'FROM "runs_run"' in q["sql"]]
+        assert on_runs, query
+        for sql in on_runs:
+            assert "DISTINCT" not in sql.upper(), (query, sql)  # no filter built from the table
+            assert '"runs_run"."spec"' not in sql and '"runs_run"."inputs"' not in sql, (query, sql)
+            if "COUNT(" in sql.upper():  # the paginator's count is capped, never a full scan
+                assert "LIMIT" in sql.upper(), (query, sql)
+        assert len(queries.captured_queries) <= 16, (query, len(queries.captured_queries))
     assert len(root_client.get("/admin/runs/run/").context["cl"].result_list) == 100
 
 

@@ -99,6 +99,12 @@ def test_unknown_template_key_exit_2(db):
     assert code == 2 and "no-such-template" in err
 
 
+def test_misspelled_template_key_gets_a_suggestion(db):
+    code, out, err = run_command("run_workflow", "package-audti")
+    assert code == 2
+    assert err.strip() == "error: no template with key 'package-audti' (did you mean 'package-audit'?)"
+
+
 def test_load_templates_idempotent_and_versions(db, tmp_path):
     folder = tmp_path / "flows"
     folder.mkdir()

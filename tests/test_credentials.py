@@ -391,7 +391,7 @@ def test_api_secret_is_write_only(owner_api, outsider_api, tenants, settings):
     header = owner_api.post(f"{API}/credentials", {"alias": "h", "kind": "header", "secret": "s3cr3t"}, format="json")
     assert header.status_code == 400 and "header's name" in header.json()["detail"]
     duplicate = owner_api.post(f"{API}/credentials", {"alias": "vendor", "secret": "zzzz"}, format="json")
-    assert duplicate.status_code == 400
+    assert duplicate.status_code == 409 and "already exists" in duplicate.json()["detail"]  # a conflict
     assert outsider_api.get(detail).status_code == 404
     assert outsider_api.get(f"{API}/credentials").json() == []
     assert api_client_for(None).get(f"{API}/credentials").status_code == 401

@@ -176,3 +176,13 @@ def test_dispatch_event_command(db, capsys):
         call_command("dispatch_event", "tick", "--payload", "{not json")
     assert exit_info.value.code == 2
     assert "error: --payload: not JSON" in capsys.readouterr().err
+
+
+def test_dispatch_event_command_suggests_a_misspelled_type(db, capsys):
+    template("cli-listener", "{event_types: [streak_ping]}")
+    call_command("dispatch_event", "streak_pnig", "--event-id", "typo-1")
+    captured = capsys.readouterr()
+    assert "0 run(s)" in captured.out
+    assert captured.err.strip() == (
+        "warning: no active template of tenant 'default' listens to 'streak_pnig' (did you mean 'streak_ping'?)"
+    )

@@ -248,9 +248,12 @@ def test_schedules_api(owner_api, outsider_api, acme_template):
     assert (task.crontab.hour, task.interval, task.enabled) == ("7", None, False)
     started = owner_api.post(f"{detail}/run")
     assert started.status_code == 201 and Run.objects.get(pk=started.json()["run_id"]).inputs == {"n": 2}
+    # the list is cursor-paginated like every other list (README: "Lists use cursor pagination")
+    page = owner_api.get(f"{API}/schedules?page_size=1").json()
+    assert set(page) == {"next", "previous", "results"} and len(page["results"]) == 1
     # another tenant sees nothing
     assert outsider_api.get(detail).status_code == 404
-    assert outsider_api.get(f"{API}/schedules").json() == []
+    assert outsider_api.get(f"{API}/schedules").json() == {"next": None, "previous": None, "results": []}
     assert outsider_api.delete(detail).status_code == 404
     assert owner_api.delete(detail).status_code == 204
     assert not PeriodicTask.objects.filter(pk=task.pk).exists()

@@ -111,9 +111,18 @@ def start_workers(
 
 
 def purge_queue(queue: str) -> None:
-    """Delete a queue's Redis lists (every priority level)."""
-    import redis
+    """Delete a queue: its Redis lists (every priority level), or the RabbitMQ queue."""
     from django.conf import settings
+
+    from orchestrator_site.brokers import is_amqp
+
+    if is_amqp(settings.CELERY_BROKER_URL):
+        from orchestrator_site.celery import app
+
+        with app.connection_for_write() as conn, contextlib.suppress(Exception):
+            conn.default_channel.queue_delete(queue)
+        return
+    import redis
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     for name in (queue, f"{queue}-system"):

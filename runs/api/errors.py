@@ -19,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from orchestrator_site import logging as logctx
-from templates_app.errors import WorkflowError, one_line
+from templates_app.errors import TemplateNotFound, WorkflowError, one_line
 
 from ..services import ServiceError
 from ..tenancy import NoTenant, TenantNotFound
@@ -39,6 +39,12 @@ def _first_message(data: Any, path: str = "") -> str:
     return f"{path}: {data}" if path else str(data)
 
 
+def _is_uniqueness_conflict(exc: DjangoValidationError) -> bool:
+    """True when every error of a model's ``full_clean()`` is a unique (together) violation."""
+    errors = [e for errs in exc.error_dict.values() for e in errs] if hasattr(exc, "error_dict") else exc.error_list
+    return bool(errors) and all(e.code in ("unique", "unique_together") for e in errors)
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's ``EXCEPTION_HANDLER``: maps every error to ``{"detail": ...}`` with the right status."""
     if isinstance(exc, RequestDataTooBig):
@@ -56,6 +62,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         )
     if isinstance(exc, ServiceError):
         return Response({"detail": str(exc)}, status=exc.status_code)
+    if isinstance(exc, TemplateNotFound):  # like any object not in the caller's tenant
+        return Response({"detail": str(exc)}, status=status.HTTP_404_NOT_FOUND)
     if isinstance(exc, WorkflowError):
         return Response({"detail": str(exc)}, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, TenantNotFound):
@@ -63,6 +71,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, NoTenant):
         return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
     if isinstance(exc, DjangoValidationError):
+        if _is_uniqueness_conflict(exc):  # e.g. an alias or name already taken in the tenant
+            return Response({"detail": one_line("; ".join(exc.messages))}, status=status.HTTP_409_CONFLICT)
         return Response({"detail": one_line("; ".join(exc.messages))}, status=status.HTTP_400_BAD_REQUEST)
     response = drf_exception_handler(exc, context)
     if response is None:

@@ -13,6 +13,7 @@ from templates_app.models import WorkflowTemplate
 
 from ..choices import RunStatus, StepStatus
 from ..models import Attempt, Run, Step, Trace
+from .fields import StrictCharField
 
 _KEY = r"^[a-z0-9][a-z0-9_.-]*$"
 
@@ -44,9 +45,9 @@ class RunCreateSerializer(serializers.Serializer):
         required=False, allow_null=True, min_value=1, max_value=2**31 - 1, help_text="Default: latest active."
     )
     variables = VariablesField(help_text="Workflow variables by name.")
-    correlation_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    correlation_id = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
     priority = serializers.IntegerField(min_value=0, max_value=9, default=5, help_text="0 is the most urgent.")
-    idempotency_key = serializers.CharField(
+    idempotency_key = StrictCharField(
         max_length=200,
         required=False,
         allow_blank=False,
@@ -90,26 +91,26 @@ class WorkflowCreateSerializer(serializers.Serializer):
     workflow_template = serializers.RegexField(_KEY, max_length=200, help_text="Template key.")
     version = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=2**31 - 1)
     variables = VariablesField()
-    correlation_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    correlation_id = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
     priority = serializers.IntegerField(min_value=0, max_value=9, default=5)
-    idempotency_key = serializers.CharField(max_length=200, required=False, allow_blank=False)
+    idempotency_key = StrictCharField(max_length=200, required=False, allow_blank=False)
 
 
 class DispatchSerializer(serializers.Serializer):
     """Seed 004's ``POST /api/v1/dispatch``: start a workflow for an intent event."""
 
-    user_id = serializers.CharField(max_length=200, help_text="The user the workflow runs for.")
+    user_id = StrictCharField(max_length=200, help_text="The user the workflow runs for.")
     workflow_key = serializers.RegexField(_KEY, max_length=200)
-    intent_id = serializers.CharField(max_length=200, required=False, allow_blank=True, allow_null=True, default="")
+    intent_id = StrictCharField(max_length=200, required=False, allow_blank=True, allow_null=True, default="")
     payload = VariablesField(help_text="Event data; keys named like template variables fill them.")
-    idempotency_key = serializers.CharField(max_length=200, required=False, allow_blank=False)
+    idempotency_key = StrictCharField(max_length=200, required=False, allow_blank=False)
 
 
 class RetrySerializer(serializers.Serializer):
     """``POST /runs/{id}/retry``: no body retries every failed, dead and cancelled step."""
 
     steps = serializers.ListField(
-        child=serializers.CharField(max_length=255),
+        child=StrictCharField(max_length=255),
         required=False,
         allow_empty=False,
         max_length=10_000,
@@ -120,12 +121,12 @@ class RetrySerializer(serializers.Serializer):
 class TemplateSourceSerializer(serializers.Serializer):
     """A workflow file: YAML text (JSON body), or the raw file with Content-Type application/yaml."""
 
-    source = serializers.CharField(
+    source = StrictCharField(
         trim_whitespace=False,
         max_length=settings.ORCHESTRATOR_MAX_SPEC_BYTES,
         help_text="The workflow YAML (canonical, seed 002 or seed 004 dialect).",
     )
-    filename = serializers.CharField(
+    filename = StrictCharField(
         max_length=200, required=False, default="request", help_text="Name used in error messages."
     )
 

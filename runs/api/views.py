@@ -43,7 +43,7 @@ from .throttling import LoginFailureThrottle, LoginRateThrottle
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_PARAMETER = OpenApiParameter(
     name=IDEMPOTENCY_HEADER,
-    type=OpenApiTypes.STR,
+    type={"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$", "minLength": 1, "maxLength": 200},
     location=OpenApiParameter.HEADER,
     required=False,
     description=(

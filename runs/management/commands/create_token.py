@@ -40,5 +40,6 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         instance, token = self.create(options["username"], options["days"])
         when = instance.expiry.isoformat(timespec="seconds") if instance.expiry else "never"
-        self.stderr.write(f"token for {instance.user} (expires {when}); shown only now:")
+        # both on stdout: `create_token alice | tail -1` is the token, and stderr stays for errors
+        self.stdout.write(f"token for {instance.user} (expires {when}); shown only now:")
         self.stdout.write(token)

@@ -64,6 +64,8 @@ class Command(BaseCommand):
         except ServiceError as exc:
             fail_input(self.stderr, str(exc))
         runs = result.runs
+        if result.created and not runs and not result.errors:
+            self.warn_nobody_listens(options["type"], options["tenant"])
         if runs and (options["wait"] or settings.ORCHESTRATOR_EMBEDDED):
             runs = self.wait([r.pk for r in runs], options["wait_timeout"])
         summary = {
@@ -84,6 +86,14 @@ class Command(BaseCommand):
                 self.stdout.write(f"  not started: {error['template']}: {error['error']}")
         if options["wait"] or settings.ORCHESTRATOR_EMBEDDED:
             sys.exit(0 if all(r.status == "succeeded" for r in runs) else 1)
+
+    def warn_nobody_listens(self, event_type: str, tenant_id: str) -> None:
+        """One line on stderr when no active template listens to ``event_type`` (a misspelling?)."""
+        from scheduler.services import known_event_types
+        from templates_app.errors import did_you_mean
+
+        hint = did_you_mean(event_type, known_event_types(tenant_id))
+        self.stderr.write(f"warning: no active template of tenant {tenant_id!r} listens to {event_type!r}{hint}")
 
     def wait(self, run_ids: list[Any], wait_timeout: float | None) -> list[Any]:
         """Poll until every run is finished (sweeping now and then); returns the runs."""
