@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
+from orchestrator_site.conf import conf
+
 
 @register(Tags.security)
 def check_fernet_keys(app_configs=None, **kwargs) -> list:
@@ -19,7 +21,7 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list:
     from .credentials import legacy_derived_key
 
     problems = []
-    keys = getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []
+    keys = conf.fernet_keys or []
     for index, key in enumerate(keys):
         try:
             Fernet(key.encode())
@@ -59,8 +61,8 @@ def check_fernet_keys_deploy(app_configs=None, **kwargs) -> list:
     operator reviews the deployment, not on every ``migrate``, ``run_workflow`` or
     ``create_token``, where the user cannot act on it.
     """
-    keys = getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []
-    if keys or settings.DEBUG or getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
+    keys = conf.fernet_keys or []
+    if keys or settings.DEBUG or conf.embedded:
         return []
     return [
         Warning(
@@ -74,10 +76,10 @@ def check_fernet_keys_deploy(app_configs=None, **kwargs) -> list:
 @register(Tags.security)
 def check_service_jwt(app_configs=None, **kwargs) -> list:
     """E002: the service JWT algorithm is unknown, or an asymmetric one has no PEM private key."""
-    key = getattr(settings, "ORCHESTRATOR_SERVICE_JWT_KEY", "")
+    key = conf.service_jwt_key
     if not key:
         return []
-    algorithm = getattr(settings, "ORCHESTRATOR_SERVICE_JWT_ALGORITHM", "HS256")
+    algorithm = conf.service_jwt_algorithm
     import jwt
 
     if algorithm.lower() == "none" or algorithm not in jwt.algorithms.get_default_algorithms():

@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+from orchestrator_site.conf import conf
 
 from .redaction import register_secret
 
@@ -102,7 +103,7 @@ def configured_keys() -> list[bytes]:
     Raises CredentialError (one line) when none is configured: production must set the setting
     (system check agents.E003); the embedded default generates one into its data directory.
     """
-    keys = [k.encode() for k in (getattr(settings, "ORCHESTRATOR_FERNET_KEYS", None) or []) if k]
+    keys = [k.encode() for k in (conf.fernet_keys or []) if k]
     if not keys:
         raise CredentialError(
             "no credential encryption key: set ORCHESTRATOR_FERNET_KEYS (`manage.py rotate_keys --generate` prints one)"

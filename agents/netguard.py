@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from orchestrator_site.conf import conf
+
 __all__ = [
     "SPECIAL_PURPOSE",
     "BlockedAddress",
@@ -250,11 +252,11 @@ def allow_list() -> tuple[_Entry, ...]:
     """
     from django.conf import settings
 
-    raw = getattr(settings, "ORCHESTRATOR_HTTP_ALLOW_HOSTS", ()) or ()
+    raw = conf.http_allow_hosts or ()
     if isinstance(raw, str):
         raw = raw.split(",")
     configured = [getattr(settings, name, "") or "" for name in CONFIGURED_URL_SETTINGS]
-    configured += list(getattr(settings, "ORCHESTRATOR_LLM_FALLBACK_URLS", ()) or ())
+    configured += list(conf.llm_fallback_urls or ())
     return _compile(tuple(str(item) for item in raw), tuple(u for u in configured if u))
 
 

@@ -54,6 +54,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator_site.conf import conf
+
 from . import sandbox_init
 
 log = logging.getLogger(__name__)
@@ -400,7 +402,7 @@ def reset_isolation() -> None:
 def _setting(name: str, default):
     from django.conf import settings
 
-    return getattr(settings, name, default)
+    return getattr(settings, name, default)  # DATA_DIR only: the ORCHESTRATOR_* ones come from conf
 
 
 def isolation() -> Isolation:
@@ -415,11 +417,11 @@ def isolation() -> Isolation:
         SandboxUnavailable: bubblewrap is required (or the deployment is multi-tenant) and it
             does not work here; the message names the cause.
     """
-    wanted = str(_setting("ORCHESTRATOR_EXEC_SANDBOX", "auto") or "auto").strip().lower()
-    program = str(_setting("ORCHESTRATOR_EXEC_BWRAP", "bwrap") or "bwrap")
-    embedded = bool(_setting("ORCHESTRATOR_EMBEDDED", False))
-    uid = int(_setting("ORCHESTRATOR_EXEC_UID", 65534))
-    gid = int(_setting("ORCHESTRATOR_EXEC_GID", 65534))
+    wanted = str(conf.exec_sandbox or "auto").strip().lower()
+    program = str(conf.exec_bwrap or "bwrap")
+    embedded = bool(conf.embedded)
+    uid = int(conf.exec_uid)
+    gid = int(conf.exec_gid)
     key = (wanted, program, embedded, uid, gid, os.geteuid())
     with _isolation_lock:  # the embedded worker's threads ask at once: one probe, one warning
         cached = _isolation_cache.get(key)
@@ -512,7 +514,7 @@ def _python_paths() -> list[str]:
         candidates += site.getsitepackages()
     except AttributeError:  # pragma: no cover - some virtualenv flavours
         pass
-    candidates += [str(p) for p in _setting("ORCHESTRATOR_EXEC_RO_PATHS", []) or []]
+    candidates += [str(p) for p in conf.exec_ro_paths or []]
     return candidates
 
 
@@ -567,7 +569,7 @@ def bwrap_command(
     """
     import sys
 
-    tmpfs_bytes = max(1, int(_setting("ORCHESTRATOR_EXEC_TMPFS_MB", 256))) * 1024 * 1024
+    tmpfs_bytes = max(1, int(conf.exec_tmpfs_mb)) * 1024 * 1024
     args = [iso.bwrap or "bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     args += ["--unshare-cgroup-try", "--hostname", "sandbox"]
     if not network:

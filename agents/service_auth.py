@@ -34,21 +34,23 @@ import jwt
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from orchestrator_site.conf import conf
+
 SUBJECT = "orchestrator:step"
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "sub", "tenant", "run", "step")
 
 
 def enabled() -> bool:
     """True when a signing key is configured."""
-    return bool(getattr(settings, "ORCHESTRATOR_SERVICE_JWT_KEY", ""))
+    return bool(conf.service_jwt_key)
 
 
 def _algorithm() -> str:
-    return getattr(settings, "ORCHESTRATOR_SERVICE_JWT_ALGORITHM", "HS256") or "HS256"
+    return conf.service_jwt_algorithm or "HS256"
 
 
 def _signing_key() -> Any:
-    key = getattr(settings, "ORCHESTRATOR_SERVICE_JWT_KEY", "")
+    key = conf.service_jwt_key
     if not key:
         raise ImproperlyConfigured("ORCHESTRATOR_SERVICE_JWT_KEY is not set")
     return key
@@ -82,9 +84,9 @@ def mint(
     tests. Raises ImproperlyConfigured without a key.
     """
     issued = int(now if now is not None else time.time())
-    lifetime = int(ttl if ttl is not None else getattr(settings, "ORCHESTRATOR_SERVICE_JWT_TTL", 60))
+    lifetime = int(ttl if ttl is not None else conf.service_jwt_ttl)
     claims: dict[str, Any] = {
-        "iss": getattr(settings, "ORCHESTRATOR_SERVICE_JWT_ISSUER", "orchestrator") or "orchestrator",
+        "iss": conf.service_jwt_issuer or "orchestrator",
         "sub": SUBJECT,
         "iat": issued,
         "nbf": issued,
@@ -97,14 +99,10 @@ def mint(
     }
     if idempotency_key:
         claims["idem"] = idempotency_key
-    audience = getattr(settings, "ORCHESTRATOR_SERVICE_JWT_AUDIENCE", "")
+    audience = conf.service_jwt_audience
     if audience:
         claims["aud"] = audience
-    headers = (
-        {"kid": settings.ORCHESTRATOR_SERVICE_JWT_KID}
-        if getattr(settings, "ORCHESTRATOR_SERVICE_JWT_KID", "")
-        else None
-    )
+    headers = {"kid": settings.ORCHESTRATOR_SERVICE_JWT_KID} if conf.service_jwt_kid else None
     return jwt.encode(claims, _signing_key(), algorithm=_algorithm(), headers=headers)
 
 
@@ -121,15 +119,13 @@ def verify(token: str, *, key: Any = None, audience: str | None = None, leeway: 
     algorithm = _algorithm()
     if key is None:
         key = _signing_key() if algorithm.startswith("HS") else public_key_pem()
-    audience = (
-        audience if audience is not None else (getattr(settings, "ORCHESTRATOR_SERVICE_JWT_AUDIENCE", "") or None)
-    )
+    audience = audience if audience is not None else (conf.service_jwt_audience or None)
     return jwt.decode(
         token,
         key,
         algorithms=[algorithm],
         audience=audience,
-        issuer=getattr(settings, "ORCHESTRATOR_SERVICE_JWT_ISSUER", "orchestrator") or "orchestrator",
+        issuer=conf.service_jwt_issuer or "orchestrator",
         leeway=leeway,
         options={"require": list(REQUIRED_CLAIMS), "verify_aud": audience is not None},
     )

@@ -20,6 +20,8 @@ from typing import Any
 
 from django.conf import settings
 
+from orchestrator_site.conf import conf
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -30,7 +32,7 @@ def _segment(value: str, fallback: str) -> str:
 
 def work_root() -> Path:
     """The folder holding every run's work directory (``ORCHESTRATOR_RUN_WORK_ROOT``)."""
-    return Path(str(getattr(settings, "ORCHESTRATOR_RUN_WORK_ROOT", "") or (Path(settings.DATA_DIR) / "work")))
+    return Path(str(conf.run_work_root or (Path(settings.DATA_DIR) / "work")))
 
 
 def run_work_path(tenant_id: Any, run_id: Any) -> Path:

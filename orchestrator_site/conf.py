@@ -39,16 +39,57 @@ class Conf:
     # flow control
     max_concurrent_runs: int
     concurrency_poll: float
-    # agents, handlers
+    # agents, handlers, the sandbox
     agents_base_url: str
+    data_service_url: str
     service_token: str
+    http_allow_hosts: list
+    http_max_response_bytes: int
+    python_callables: list
+    run_work_root: str
+    exec_memory_mb: int
+    exec_max_output: int
+    exec_max_processes: int
+    exec_network_hosts: list
+    exec_sandbox: str
+    exec_bwrap: str
+    exec_uid: int
+    exec_gid: int
+    exec_ro_paths: list
+    exec_tmpfs_mb: int
+    # credentials, service JWT
+    fernet_keys: list
+    service_jwt_key: str
+    service_jwt_algorithm: str
+    service_jwt_ttl: int
+    service_jwt_issuer: str
+    service_jwt_audience: str
+    service_jwt_kid: str
+    # the LLM router
+    llm_base_url: str
+    llm_model: str
+    llm_kind: str
+    llm_fallback_urls: list
+    llm_timeout: float
+    llm_max_tokens_cap: int
+    llm_max_response_bytes: int
+    llm_breaker_failures: int
+    llm_breaker_cooldown: float
+    llm_budget_hold_seconds: float
+    llm_budget_recheck: float
+    # operations
+    schedule_misfire_grace: int
+    ping_timeout: float
+    metrics_root: str
+    metrics_token: str
+    metrics_tenant_label: bool
 
     def __getattr__(self, name: str) -> Any:
         kind = type(self).__annotations__.get(name)
         if kind is None:
             raise AttributeError(f"conf has no setting {name!r}: declare it in orchestrator_site/conf.py")
         value = getattr(settings, f"ORCHESTRATOR_{name.upper()}")
-        caster = {"bool": bool, "int": int, "float": float, "str": str}[kind]
+        caster = {"bool": bool, "int": int, "float": float, "str": str, "list": list}[kind]
         return caster(value) if value is not None else caster()
 
 

@@ -24,6 +24,8 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 
+from orchestrator_site.conf import conf
+
 log = logging.getLogger("orchestrator.health")
 
 
@@ -78,7 +80,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     """The Prometheus exposition (text format 0.0.4)."""
     from runs.metrics import exposition
 
-    token = getattr(settings, "ORCHESTRATOR_METRICS_TOKEN", "")
+    token = conf.metrics_token
     if token:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):

@@ -46,7 +46,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from django.conf import settings
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -58,6 +57,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
+
+from orchestrator_site.conf import conf
 
 from .choices import RUN_TERMINAL, STEP_ACTIVE, RunStatus, StepStatus
 
@@ -105,7 +106,7 @@ for _result in ATTEMPT_RESULTS:
 def tenant_label(tenant_id: str | None) -> str:
     """The value of a ``tenant`` label: the slug when ``ORCHESTRATOR_METRICS_TENANT_LABEL`` is on,
     else ``""`` (Prometheus treats an empty label as absent, so the series is deployment-wide)."""
-    if not getattr(settings, "ORCHESTRATOR_METRICS_TENANT_LABEL", False):
+    if not conf.metrics_tenant_label:
         return ""
     return str(tenant_id or "")[:100]
 
@@ -226,7 +227,7 @@ def metric_files() -> list[str]:
     if not folder:
         return []
     folders = {os.path.abspath(folder)}
-    root = getattr(settings, "ORCHESTRATOR_METRICS_ROOT", "")
+    root = conf.metrics_root
     if root and os.path.dirname(os.path.abspath(folder)) == os.path.abspath(root):
         folders |= {os.path.abspath(p) for p in glob.glob(os.path.join(root, "*")) if os.path.isdir(p)}
     return sorted(f for d in folders for f in glob.glob(os.path.join(d, "*.db")))

@@ -33,6 +33,8 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from orchestrator_site.conf import conf
+
 log = logging.getLogger("orchestrator.health")
 
 SYSTEM_TEMPLATE_KEY = "system-health"
@@ -81,11 +83,11 @@ def _timed(check) -> dict[str, Any]:
 
 def check_workers(timeout: float | None = None) -> dict[str, Any]:
     """Celery workers answering a ping within ``timeout`` seconds (the embedded worker: itself)."""
-    if getattr(settings, "ORCHESTRATOR_EMBEDDED", False):
+    if conf.embedded:
         return {"ok": True, "count": 1, "names": ["embedded"]}
     from orchestrator_site.celery import app
 
-    timeout = timeout if timeout is not None else max(1.0, float(getattr(settings, "ORCHESTRATOR_PING_TIMEOUT", 1.0)))
+    timeout = timeout if timeout is not None else max(1.0, float(conf.ping_timeout))
     try:
         replies = app.control.inspect(timeout=timeout).ping() or {}
     except Exception as exc:

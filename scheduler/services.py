@@ -32,6 +32,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from agents import workdir
+from orchestrator_site.conf import conf
 from runs.services import Conflict, Invalid, ServiceError
 from templates_app.errors import WorkflowError, one_line
 
@@ -111,7 +112,7 @@ def save_schedule(schedule: Schedule) -> Schedule:
 
 
 def _misfire_grace(schedule: Schedule) -> int:
-    grace = int(getattr(settings, "ORCHESTRATOR_SCHEDULE_MISFIRE_GRACE", 3600))
+    grace = int(conf.schedule_misfire_grace)
     if schedule.interval:
         grace = min(grace, int(schedule.interval))  # a late tick superseded by the next is dropped
     return max(1, grace)

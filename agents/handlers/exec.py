@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
+from orchestrator_site.conf import conf
 
 from .. import netguard, sandbox
 from .. import workdir as workdir_module
@@ -175,9 +175,9 @@ class ExecHandler(StepHandler):
         timeout = ctx.remaining(cap)
         if timeout <= 0:
             raise StepTimeout("exec: no time left before the step's deadline")
-        memory_mb = int(getattr(settings, "ORCHESTRATOR_EXEC_MEMORY_MB", 1024) or 0)
-        max_output = int(getattr(settings, "ORCHESTRATOR_EXEC_MAX_OUTPUT", 1_000_000))
-        max_processes = int(getattr(settings, "ORCHESTRATOR_EXEC_MAX_PROCESSES", 64) or 0)
+        memory_mb = int(conf.exec_memory_mb or 0)
+        max_output = int(conf.exec_max_output)
+        max_processes = int(conf.exec_max_processes or 0)
 
         try:
             iso = sandbox.isolation()
@@ -628,7 +628,7 @@ def _network(params: dict[str, Any], iso: sandbox.Isolation) -> list[str]:
     hosts = params.get("hosts")
     if not isinstance(hosts, list) or not hosts:
         raise StepError("network: true needs hosts: the list of hosts the command will reach", permanent=True)
-    allowed = list(getattr(settings, "ORCHESTRATOR_EXEC_NETWORK_HOSTS", None) or [])
+    allowed = list(conf.exec_network_hosts or [])
     if not allowed:
         raise StepError(
             "network: exec steps may not use the network here (ORCHESTRATOR_EXEC_NETWORK_HOSTS is empty)",

@@ -49,6 +49,8 @@ from urllib.parse import urlsplit
 import httpx
 from django.conf import settings
 
+from orchestrator_site.conf import conf
+
 from ..httpclient import (
     BodyTooLarge,
     Deadline,
@@ -169,7 +171,7 @@ class HttpHandler(StepHandler):
             request["content"] = body
         elif body is not None:
             request["json"] = body
-        limit = int(getattr(settings, "ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
+        limit = int(conf.http_max_response_bytes)
 
         trace_data: dict[str, Any] = {
             "method": method,
@@ -227,11 +229,11 @@ class HttpHandler(StepHandler):
         if p.get("url") is not None:
             return str(p["url"]), "GET", body
         if p.get("call") is not None:
-            base = getattr(settings, "ORCHESTRATOR_AGENTS_BASE_URL", "") or ""
+            base = conf.agents_base_url or ""
             if not base:
                 raise StepError("call needs a base URL: set ORCHESTRATOR_AGENTS_BASE_URL", permanent=True)
             return _join(base, str(p["call"])), "POST", body
-        data_url = getattr(settings, "ORCHESTRATOR_DATA_SERVICE_URL", "") or ""
+        data_url = conf.data_service_url or ""
         if not data_url:
             raise StepError("data task without url or call: set ORCHESTRATOR_DATA_SERVICE_URL", permanent=True)
         if body is None:
@@ -281,7 +283,7 @@ class HttpHandler(StepHandler):
                     idempotency_key=ctx.idempotency_key,
                 )
             else:
-                token = getattr(settings, "ORCHESTRATOR_SERVICE_TOKEN", "") or ""
+                token = conf.service_token or ""
             if token:
                 headers["Authorization"] = f"Bearer {token}"
         if ctx.idempotency_key and "x-idempotency-key" not in present:

@@ -39,7 +39,7 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.conf import settings
+from orchestrator_site.conf import conf
 
 from .. import llm
 from ..llm.providers import Provider, deployment_providers
@@ -89,7 +89,7 @@ class LlmHandler(StepHandler):
                 raise ValueError("temperature must be a number between 0 and 2")
         max_tokens = params.get("max_tokens")
         if max_tokens is not None and not is_expression(max_tokens):
-            cap = int(getattr(settings, "ORCHESTRATOR_LLM_MAX_TOKENS_CAP", 32768))
+            cap = int(conf.llm_max_tokens_cap)
             if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= cap:
                 raise ValueError(f"max_tokens must be an integer from 1 to {cap}")
         timeout = params.get("timeout")
@@ -199,7 +199,7 @@ def _step_providers(p: dict[str, Any]) -> list[Provider] | None:
     for provider in deployment_providers():
         if provider.base_url.rstrip("/") == base.rstrip("/"):
             return [provider]
-    model = p.get("model") or getattr(settings, "ORCHESTRATOR_LLM_MODEL", "") or "default"
+    model = p.get("model") or conf.llm_model or "default"
     return [Provider(name="step", base_url=base, model=model, source="step")]
 
 

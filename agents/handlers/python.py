@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from django.conf import settings
+from orchestrator_site.conf import conf
 
 from .. import workdir
 from ..registry import StepContext, StepError, StepHandler, is_expression, register
@@ -43,7 +43,7 @@ RESERVED = frozenset({"callable", "args", "kwargs", "timeout"})
 
 def allowed_callables() -> set[str]:
     """The dotted paths ``python`` steps may call (setting ORCHESTRATOR_PYTHON_CALLABLES)."""
-    return set(getattr(settings, "ORCHESTRATOR_PYTHON_CALLABLES", None) or [])
+    return set(conf.python_callables or [])
 
 
 @register

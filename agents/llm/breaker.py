@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+
+from orchestrator_site.conf import conf
 
 __all__ = ["allow", "blocked_for", "record_failure", "record_success", "reset"]
 
@@ -36,11 +37,11 @@ def _model():
 
 
 def _cooldown() -> float:
-    return float(getattr(settings, "ORCHESTRATOR_LLM_BREAKER_COOLDOWN", 30.0))
+    return float(conf.llm_breaker_cooldown)
 
 
 def _threshold() -> int:
-    return max(1, int(getattr(settings, "ORCHESTRATOR_LLM_BREAKER_FAILURES", 3)))
+    return max(1, int(conf.llm_breaker_failures))
 
 
 def blocked_for(key: str, now: dt.datetime | None = None) -> float:

@@ -29,10 +29,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
+
+from orchestrator_site.conf import conf
 
 from .errors import BudgetExceeded, BudgetWait
 
@@ -124,7 +125,7 @@ def reserve(tenant_id: str, tokens: int) -> Reservation:
     if not budgets:
         return reservation
     now = timezone.now()
-    hold_for = dt.timedelta(seconds=float(getattr(settings, "ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS", 900.0)))
+    hold_for = dt.timedelta(seconds=float(conf.llm_budget_hold_seconds))
     try:
         for budget in budgets:
             start, end = window(budget.period, now)
@@ -166,7 +167,7 @@ def _refuse(tenant_id: str, budget_id: int, tokens: int, now: dt.datetime, end: 
     if row.policy == "wait":
         # Only calls in flight fill it: they settle soon (usually below what they hold).
         only_holds = row.used + tokens <= row.limit
-        seconds = float(getattr(settings, "ORCHESTRATOR_LLM_BUDGET_RECHECK", 5.0)) if only_holds else resets_in
+        seconds = float(conf.llm_budget_recheck) if only_holds else resets_in
         raise BudgetWait(
             f"token budget of tenant {tenant_id!r} ({row.period}: {state}) cannot cover {tokens} tokens now; "
             f"waiting {seconds:.0f} s",

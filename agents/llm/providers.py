@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
+from orchestrator_site.conf import conf
+
 __all__ = ["Provider", "configured", "deployment_providers", "is_loopback", "providers_for"]
 
 #: Tag given to loopback providers (seed 000: "tagged for planning/pattern-analysis tasks").
@@ -94,16 +96,16 @@ def _with_loopback_rule(provider: Provider) -> Provider:
 
 def deployment_providers() -> list[Provider]:
     """The providers configured by settings, each with the loopback rule applied (unsorted)."""
-    model = getattr(settings, "ORCHESTRATOR_LLM_MODEL", "") or "default"
-    kind = getattr(settings, "ORCHESTRATOR_LLM_KIND", "openai") or "openai"
+    model = conf.llm_model or "default"
+    kind = conf.llm_kind or "openai"
     found: list[Provider] = []
     seen: set[str] = set()
-    main = (getattr(settings, "ORCHESTRATOR_LLM_BASE_URL", "") or "").strip()
+    main = (conf.llm_base_url or "").strip()
     if main:
         name = "local" if is_loopback(main) else "primary"
         found.append(Provider(name, main, model, kind, 10, api_key_setting="ORCHESTRATOR_LLM_API_KEY"))
         seen.add(main.rstrip("/"))
-    fallbacks = getattr(settings, "ORCHESTRATOR_LLM_FALLBACK_URLS", None) or []
+    fallbacks = conf.llm_fallback_urls or []
     if isinstance(fallbacks, str):
         fallbacks = fallbacks.split(",")
     for index, url in enumerate(u.strip() for u in fallbacks if u and u.strip()):

@@ -24,6 +24,8 @@ from typing import Any
 import openai
 from django.conf import settings
 
+from orchestrator_site.conf import conf
+
 from ..credentials import CredentialError
 from ..httpclient import parse_retry_after
 from ..redaction import known_secrets, redact, register_secret
@@ -64,7 +66,7 @@ def _check_args(
             raise ValueError(f"messages[{index}] must be a mapping with a role")
     if len(json.dumps(messages, default=str)) > MAX_PROMPT_CHARS:
         raise ValueError(f"messages: at most {MAX_PROMPT_CHARS} characters in all")
-    cap = int(getattr(settings, "ORCHESTRATOR_LLM_MAX_TOKENS_CAP", 32768))
+    cap = int(conf.llm_max_tokens_cap)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= cap:
         raise ValueError(f"max_tokens must be an integer from 1 to {cap}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
@@ -122,7 +124,7 @@ def complete(
             max_tokens=max_tokens,
             temperature=temperature,
             model=model,
-            timeout=float(timeout if timeout is not None else getattr(settings, "ORCHESTRATOR_LLM_TIMEOUT", 120.0)),
+            timeout=float(timeout if timeout is not None else conf.llm_timeout),
             json_mode=json_mode,
         )
         charged = int(result.usage.get("total_tokens") or 0)

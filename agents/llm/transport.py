@@ -14,7 +14,8 @@ import threading
 from collections.abc import Iterator
 
 import httpx
-from django.conf import settings
+
+from orchestrator_site.conf import conf
 
 from ..httpclient import USER_AGENT
 
@@ -55,7 +56,7 @@ class CappedTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self._inner.handle_request(request)
-        limit = int(getattr(settings, "ORCHESTRATOR_LLM_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
+        limit = int(conf.llm_max_response_bytes)
         response.stream = _CappedStream(response.stream, limit)  # type: ignore[arg-type]
         return response
 

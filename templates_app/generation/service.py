@@ -34,6 +34,8 @@ import yaml
 from django.conf import settings
 from django.utils import timezone
 
+from orchestrator_site.conf import conf
+
 from ..errors import WorkflowError, one_line
 from ..models import GENERATION_TERMINAL, Complexity, GenerationStatus, WorkflowGenerationJob, WorkflowTemplate
 from . import metrics, planner
@@ -546,7 +548,7 @@ def _messages(request: GenerationRequest, plan: planner.Plan, schema: dict[str, 
     types = "\n".join(
         f"- {name}: {planner.STEP_TYPE_WORDS.get(name, '')} ({_first_sentence(docs[name])})" for name in ranked
     )
-    base = getattr(settings, "ORCHESTRATOR_AGENTS_BASE_URL", "") or "(none configured)"
+    base = conf.agents_base_url or "(none configured)"
     callables = ", ".join(sorted(allowed_callables())) or "(none)"
     examples = []
     room = settings.ORCHESTRATOR_GENERATE_EXAMPLE_CHARS  # small local models have small contexts

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import make_server
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
+from orchestrator_site.conf import conf
 from runs.metrics import multiprocess_dir
 
 
@@ -45,7 +45,7 @@ class Command(BaseCommand):
         app = make_wsgi_app(registry)
 
         def guarded(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-            token = getattr(settings, "ORCHESTRATOR_METRICS_TOKEN", "")
+            token = conf.metrics_token
             given = environ.get("HTTP_AUTHORIZATION", "")
             if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 start_response("401 Unauthorized", [("Content-Type", "text/plain")])
