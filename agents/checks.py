@@ -12,9 +12,9 @@ from orchestrator_site.conf import conf
 def check_fernet_keys(app_configs=None, **kwargs) -> list:
     """Credential keys (issue 10: never derived from SECRET_KEY).
 
-    E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key. E003: none is configured outside
-    the embedded default (credentials cannot be stored or used). W003: a configured key is the
-    one older versions derived from SECRET_KEY (whoever learns the secret key learns it).
+    E001: a key in ORCHESTRATOR_FERNET_KEYS is not a Fernet key. W003: a configured key is the
+    one older versions derived from SECRET_KEY (whoever learns the secret key learns it). A
+    missing key is E003 of ``check --deploy`` (below).
     """
     from cryptography.fernet import Fernet
 
@@ -33,16 +33,7 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list:
                     id="agents.E001",
                 )
             )
-    if not keys:
-        problems.append(
-            Error(
-                "ORCHESTRATOR_FERNET_KEYS is not set: credentials can be neither stored nor used.",
-                hint="Set it to a key from `python manage.py rotate_keys --generate` (the same on every machine). "
-                "Secrets stored by older versions: README, Credentials, migrating the key.",
-                id="agents.E003",
-            )
-        )
-    elif legacy_derived_key(settings.SECRET_KEY).decode() in keys:
+    if keys and legacy_derived_key(settings.SECRET_KEY).decode() in keys:
         problems.append(
             Warning(
                 "ORCHESTRATOR_FERNET_KEYS contains the key derived from SECRET_KEY.",
@@ -55,20 +46,22 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list:
 
 @register(Tags.security, deploy=True)
 def check_fernet_keys_deploy(app_configs=None, **kwargs) -> list:
-    """W001 (``manage.py check --deploy`` only): no ORCHESTRATOR_FERNET_KEYS is configured.
+    """E003 (``manage.py check --deploy`` only): no ORCHESTRATOR_FERNET_KEYS outside the embedded default.
 
-    A deployment concern, like Django's own ``security.W0xx`` checks: it is reported where the
-    operator reviews the deployment, not on every ``migrate``, ``run_workflow`` or
+    Credentials can then be neither stored nor used (the API and the admin refuse with a one-line
+    error; an http step naming one fails). A deployment concern, like Django's own security
+    checks: reported where the operator reviews the deployment, not on every ``migrate`` or
     ``create_token``, where the user cannot act on it.
     """
     keys = conf.fernet_keys or []
     if keys or settings.DEBUG or conf.embedded:
         return []
     return [
-        Warning(
-            "Credential secrets are encrypted with a key derived from SECRET_KEY.",
-            hint="Set ORCHESTRATOR_FERNET_KEYS (newest first) so SECRET_KEY can change without losing them.",
-            id="agents.W001",
+        Error(
+            "ORCHESTRATOR_FERNET_KEYS is not set: credentials can be neither stored nor used.",
+            hint="Set it to a key from `python manage.py rotate_keys --generate` (the same on every machine). "
+            "Secrets stored by older versions: README, Credentials, migrating the key.",
+            id="agents.E003",
         )
     ]
 

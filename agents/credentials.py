@@ -22,7 +22,6 @@ import base64
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -264,8 +263,3 @@ def resolve(tenant_id: str, alias: str, url: str) -> ResolvedCredential:
             headers[name] = secret
     _count(tenant_id, "ok")
     return ResolvedCredential(alias=alias, kind=row.kind, headers=headers, query=query)
-
-
-def describe(row: Any) -> str:
-    """A one-line, secret-free description of a credential row (admin, logs)."""
-    return f"{row.alias} ({row.kind}) in tenant {row.tenant_id}"

@@ -26,7 +26,6 @@ from templates_app.errors import TemplateNotFound, WorkflowError, one_line
 
 from . import engine
 from .choices import (
-    RUN_TERMINAL,
     STEP_TERMINAL,
     AttemptOutcome,
     RunStatus,
@@ -428,7 +427,3 @@ def current_step(steps: Iterable[Step]) -> Step | None:
 def latest_traces(run: Run, limit: int = 10) -> list[Trace]:
     """The ``limit`` newest traces of ``run``, newest first (index ``trace_run_latest_idx``)."""
     return list(Trace.objects.filter(run_id=run.pk).annotate(step_code=F("step__step_id")).order_by("-id")[:limit])
-
-
-def is_finished(run: Run) -> bool:
-    return run.status in RUN_TERMINAL

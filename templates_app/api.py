@@ -69,8 +69,8 @@ class GenerateResultSerializer(serializers.Serializer):
 
 class GenerationJobSerializer(serializers.ModelSerializer):
     save = serializers.BooleanField(source="save_template")
-    template_key = serializers.CharField(source="template.key", default=None)
-    template_version = serializers.IntegerField(source="template.version", default=None)
+    template_key = serializers.CharField(source="template.key", default=None, allow_null=True)
+    template_version = serializers.IntegerField(source="template.version", default=None, allow_null=True)
 
     class Meta:
         model = WorkflowGenerationJob

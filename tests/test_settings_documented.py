@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SETTINGS = ROOT / "orchestrator_site" / "settings.py"
+#: gunicorn's own settings file reads the web server's variables (ORCHESTRATOR_WEB_*)
+GUNICORN = ROOT / "gunicorn.conf.py"
 
 _READERS = {"env_str", "env_int", "env_float", "env_bool", "env_list", "get", "getenv"}
 _NAME = re.compile(r"`([A-Z][A-Z0-9_]*|_[A-Z0-9_]+)`")
@@ -52,9 +54,12 @@ def documented_variables(text: str) -> dict[str, int]:
 
 
 def variables_read_by_settings() -> set[str]:
-    """String literals passed as the variable name to env_* / os.environ.get / os.getenv / os.environ[...]."""
-    tree = ast.parse(SETTINGS.read_text())
+    """String literals passed as the variable name to env_* / os.environ.get / os.getenv / os.environ[...],
+    in settings.py and gunicorn.conf.py."""
     names: set[str] = set()
+    tree = ast.Module(
+        body=[*ast.parse(SETTINGS.read_text()).body, *ast.parse(GUNICORN.read_text()).body], type_ignores=[]
+    )
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func

@@ -17,6 +17,7 @@ from rest_framework import serializers, viewsets
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.routers import SimpleRouter
 
+from runs.api.fields import StrictStringsMixin
 from runs.api.parsers import StrictJSONParser
 from runs.api.permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
 
@@ -41,7 +42,7 @@ def _save(serializer: serializers.ModelSerializer, row: Any, data: dict[str, Any
     return row
 
 
-class LLMProviderSerializer(serializers.ModelSerializer):
+class LLMProviderSerializer(StrictStringsMixin, serializers.ModelSerializer):
     circuit = serializers.SerializerMethodField(help_text="closed, or open for N s (skipped by every worker).")
 
     class Meta:
@@ -93,7 +94,7 @@ class LLMProviderSerializer(serializers.ModelSerializer):
         return _save(self, instance, validated_data)
 
 
-class TokenBudgetSerializer(serializers.ModelSerializer):
+class TokenBudgetSerializer(StrictStringsMixin, serializers.ModelSerializer):
     remaining = serializers.SerializerMethodField(help_text="limit - used - reserved, tokens (never negative).")
     resets_at = serializers.SerializerMethodField(help_text="When the current window ends.")
 

@@ -15,7 +15,7 @@ from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.exceptions import AuthenticationFailed, PermissionDenied
+from rest_framework.exceptions import AuthenticationFailed, MethodNotAllowed, PermissionDenied
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -70,6 +70,12 @@ class _ExecutorView(APIView):
     authentication_classes = [ExecutorTokenAuthentication]
     permission_classes = [IsExecutor]
     parser_classes = [StrictJSONParser]
+
+    def initial(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        # an undeclared method is a 405 before anything else (not a 401 for a missing token)
+        if request.method.lower() not in self.http_method_names or not hasattr(self, request.method.lower()):
+            raise MethodNotAllowed(request.method)
+        super().initial(request, *args, **kwargs)
 
     @property
     def executor(self) -> Executor:

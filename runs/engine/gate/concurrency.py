@@ -299,11 +299,6 @@ def promote(tenant_id: str | None, activate: Callable[[Any], bool], limit: int =
     return started
 
 
-def wait_reason(run_id: Any) -> str | None:
-    """Why a pending run waits (admin, API), or None."""
-    return QueuedRun.objects.filter(run_id=run_id).values_list("reason", flat=True).first()
-
-
 def limit_changed(key: str) -> tuple[str | None, list[tuple[int, int]]]:
     """An operator changed the limit of ``key``: which waiters now fit.
 
