@@ -28,6 +28,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import TEST_CALLABLES
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 FAULT_QUEUE = f"orchestrator-faults-{os.getpid()}"
 PG_CLUSTER = ("15", "main")
@@ -222,7 +224,9 @@ class Processes:
         """A worker on the fault queue, returned once it consumes ("ready." in its log)."""
         proc = Proc(
             name,
-            ["worker", "-P", pool, "-c", str(concurrency), "-Q", FAULT_QUEUE, "-n", f"{name}-{os.getpid()}@%h"]
+            # the fault queue and its system queue (the sweeps beat sends are routed there)
+            ["worker", "-P", pool, "-c", str(concurrency), "-Q", f"{FAULT_QUEUE},{FAULT_QUEUE}-system"]
+            + ["-n", f"{name}-{os.getpid()}@%h"]
             + ["--without-gossip", "--without-mingle", "-l", "INFO"],
             {**self.env, **(env or {})},
             self.log_dir / f"{name}.log",
@@ -259,7 +263,7 @@ def fault_env(worker_env, receiver, tmp_path) -> dict[str, str]:
         ORCHESTRATOR_LEASE_GRACE="2",
         ORCHESTRATOR_REQUEUE_AFTER="4",
         ORCHESTRATOR_SWEEP_INTERVAL="1",
-        ORCHESTRATOR_PYTHON_CALLABLES="tests.faults.callables.hard_exit",
+        ORCHESTRATOR_PYTHON_CALLABLES=f"tests.faults.callables.hard_exit,{TEST_CALLABLES}",
         ORCHESTRATOR_HTTP_ALLOW_HOSTS="127.0.0.1,localhost",
         ORCHESTRATOR_DATA_DIR=str(tmp_path / "worker-data"),
     )
