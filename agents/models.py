@@ -83,7 +83,7 @@ class Credential(models.Model):
 
     def set_secret(self, secret: str) -> None:
         """Encrypt ``secret`` with the newest key (not saved: call ``save()``)."""
-        from .credentials import encrypt
+        from .keys import encrypt
 
         self.secret_encrypted = encrypt(secret)
 

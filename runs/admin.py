@@ -27,6 +27,7 @@ from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
 from . import admin_graph, services, tenancy
+from .admin_views import STATUS_COLORS, read_only_message
 from .choices import StepStatus, TriggerKind
 from .models import Attempt, Membership, Run, Step, Tenant, Trace
 
@@ -39,19 +40,6 @@ admin.site.site_url = reverse_lazy("ops-dashboard")
 
 #: A change list counts at most this many rows (beyond it shows "10000+" pages' worth).
 COUNT_CAP = 10_000
-
-STATUS_COLORS = {
-    "pending": "#888",
-    "queued": "#6b7fa3",
-    "running": "#1f6feb",
-    "retry_wait": "#bf8700",
-    "succeeded": "#1a7f37",
-    "failed": "#cf222e",
-    "dead": "#82071e",
-    "skipped": "#999",
-    "cancelled": "#57606a",
-    "timed_out": "#bc4c00",
-}
 
 
 #: Bar colours of the attempt timeline, by outcome.
@@ -188,15 +176,6 @@ class TenantScopedAdmin(admin.ModelAdmin):
             self.message_user(request, read_only_message(request), messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
         return super().changelist_view(request, extra_context)
-
-
-def read_only_message(request: HttpRequest, slugs: list[str] | None = None) -> str:
-    """The one-line refusal an operator sees: which tenants, which role, nothing done."""
-    user = request.user
-    if not slugs:
-        slugs = sorted(tenancy.tenant_slugs(user) or [])
-    roles = ", ".join(f"{slug!r} is {tenancy.role_in(user, slug) or 'none'}" for slug in slugs[:5])
-    return f"Refused: your role in tenant {roles}: read only (as in the API). Nothing was changed."
 
 
 class EngineRowsAdmin(TenantScopedAdmin):

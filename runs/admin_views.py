@@ -29,7 +29,6 @@ from django.utils import timezone
 from templates_app.expressions import ExpressionError, analyze
 
 from . import services, tenancy
-from .admin import STATUS_COLORS, read_only_message
 from .choices import RUN_ACTIVE, AttemptOutcome, RunStatus, StepStatus
 from .metrics import QUEUE_STATUSES
 from .models import Attempt, Run, Step
@@ -39,6 +38,29 @@ log = logging.getLogger("orchestrator.admin")
 DEAD_LETTER_LIMIT = 50
 FAILURES_LIMIT = 20
 FAILED_OUTCOMES = (AttemptOutcome.FAILED, AttemptOutcome.TIMED_OUT, AttemptOutcome.LOST)
+
+#: Status colours of the graph, the timeline and the dashboard (runs, steps, attempts).
+STATUS_COLORS = {
+    "pending": "#888",
+    "queued": "#6b7fa3",
+    "running": "#1f6feb",
+    "retry_wait": "#bf8700",
+    "succeeded": "#1a7f37",
+    "failed": "#cf222e",
+    "dead": "#82071e",
+    "skipped": "#999",
+    "cancelled": "#57606a",
+    "timed_out": "#bc4c00",
+}
+
+
+def read_only_message(request: HttpRequest, slugs: list[str] | None = None) -> str:
+    """The one-line refusal an operator sees: which tenants, which role, nothing done."""
+    user = request.user
+    if not slugs:
+        slugs = sorted(tenancy.tenant_slugs(user) or [])
+    roles = ", ".join(f"{slug!r} is {tenancy.role_in(user, slug) or 'none'}" for slug in slugs[:5])
+    return f"Refused: your role in tenant {roles}: read only (as in the API). Nothing was changed."
 
 
 def workers_online(timeout: float | None = None) -> dict[str, Any]:
