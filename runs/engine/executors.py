@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.db import transaction
+
 from templates_app.errors import ExpressionError, WorkflowError
 
 from ..choices import RUN_ACTIVE, StepStatus
@@ -82,7 +84,14 @@ def poll(
         claimed = state.claim(pk, token, state.now(), f"executor:{executor_id}"[:200], "", relaxed=True)
         if claimed is None:
             continue  # another executor took it first
-        step, run, _begun = claimed
+        step, run, begun = claimed
+        if not begun:  # the portable claim (SQLite) writes no Attempt row: begin does, as for a worker
+            with transaction.atomic():
+                batch = state.Batch()
+                started = attempts.begin(step, run, token, state.now(), f"executor:{executor_id}", "", batch)
+                batch.flush()
+            if isinstance(started, str):
+                continue  # the run ended meanwhile: the step was cancelled
         until = state.now() + timedelta(seconds=lease)
         state.extend_lease(step.pk, token, until)
         step.lease_expires_at = until
