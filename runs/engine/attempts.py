@@ -91,17 +91,29 @@ def throttle(step: Step, token: uuid.UUID, seconds: float, reason: str | None, b
     countdown = delay <= conf.countdown_max
     state.throttle(step, token, delay, countdown=countdown)
     if reason:
-        batch.trace(
-            step.run_id,
-            TraceKind.DECISION,
-            f"step '{step.step_id}' waits {delay:.3f} s: {reason}",
-            step_pk=step.pk,
-            data={"wait_s": round(delay, 3), "reason": reason},
-        )
+        trace_wait(batch, step, delay, reason)
     batch.flush()
     if countdown:
-        pk, priority = step.pk, step.run.priority
-        transaction.on_commit(lambda: broker.enqueue_steps([pk], countdown=delay, priority=priority))
+        send_later(step, delay)
+
+
+def send_later(step: Step, delay: float) -> None:
+    """After commit, send ``step``'s message with a ``delay``-second countdown (its run's priority)."""
+    pk, priority = step.pk, step.run.priority
+    transaction.on_commit(lambda: broker.enqueue_steps([pk], countdown=delay, priority=priority))
+
+
+def trace_wait(batch: state.Batch, step: Step, delay: float, reason: str, attempt: int | None = None) -> None:
+    """The ``decision`` trace of a step handed back to wait ``delay`` seconds, and why."""
+    reason = state.one_line(reason)
+    batch.trace(
+        step.run_id,
+        TraceKind.DECISION,
+        f"step '{step.step_id}' waits {delay:.3f} s: {reason}",
+        step_pk=step.pk,
+        attempt=attempt,
+        data={"wait_s": round(delay, 3), "reason": reason},
+    )
 
 
 def complete(
@@ -183,19 +195,11 @@ def defer(step: Step, token: uuid.UUID, deferred: Any, duration_ms: int) -> str:
         if not state.defer(step, token, delay, countdown=countdown, reason=deferred.reason, duration_ms=duration_ms):
             return refuse(step, token, duration_ms)
         batch = state.Batch()
-        batch.trace(
-            step.run_id,
-            TraceKind.DECISION,
-            f"step '{step.step_id}' waits {delay:.3f} s: {state.one_line(deferred.reason)}",
-            step_pk=step.pk,
-            attempt=step.attempts,
-            data={"wait_s": round(delay, 3)},
-        )
+        trace_wait(batch, step, delay, deferred.reason, attempt=step.attempts)
         lifecycle.wake_on_commit(gate.release_step(step))
         batch.flush()
         if countdown:
-            pk, priority = step.pk, step.run.priority
-            transaction.on_commit(lambda: broker.enqueue_steps([pk], countdown=delay, priority=priority))
+            send_later(step, delay)
     return "deferred"
 
 
@@ -263,8 +267,7 @@ def fail(
         )
         if status == StepStatus.RETRY_WAIT:
             if countdown:
-                pk, priority = step.pk, step.run.priority
-                transaction.on_commit(lambda: broker.enqueue_steps([pk], countdown=delay, priority=priority))
+                send_later(step, delay)
         else:
             cascade.Cascade(step.run, batch).finished([step])
         lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
