@@ -215,11 +215,33 @@ def retry_and_dead_rates(attempts: QuerySet, steps: QuerySet, hours: list[Any]) 
     }
 
 
-def token_usage_by_tenant(request: HttpRequest, since: Any) -> dict[str, Any] | None:
-    """Hook for the "tokens per tenant" chart: ``{"tenants": [slug], "prompt": [n], "completion":
-    [n]}`` since ``since``, or None while attempts do not record token usage (issue 6). The
-    dashboard draws the chart as soon as this returns data."""
-    return None
+def token_usage_by_tenant(attempts: QuerySet, since: Any) -> dict[str, Any] | None:
+    """Tokens of LLM calls per tenant since ``since``, from ``Attempt.usage`` (agents.llm):
+    ``{"tenants": [slug], "prompt": [n], "completion": [n]}`` (most tokens first, at most 20
+    tenants), or None when no attempt of the window recorded usage. Reads the attempts of the
+    window through ``attempt_outcome_started_idx`` (one range per finished outcome)."""
+    from django.db.models import IntegerField, Sum
+    from django.db.models.fields.json import KeyTextTransform
+    from django.db.models.functions import Cast, Coalesce
+
+    def tokens(key: str) -> Any:
+        return Coalesce(Sum(Cast(KeyTextTransform(key, "usage"), IntegerField())), 0)
+
+    rows = list(
+        attempts.filter(outcome__in=FINISHED_OUTCOMES, started_at__gte=since, usage__isnull=False)
+        .values("run__tenant_id")
+        .annotate(prompt=tokens("prompt_tokens"), completion=tokens("completion_tokens"))
+        .order_by()
+    )
+    if not rows:
+        return None
+    rows.sort(key=lambda r: -(r["prompt"] + r["completion"]))
+    rows = rows[:20]
+    return {
+        "tenants": [r["run__tenant_id"] for r in rows],
+        "prompt": [r["prompt"] for r in rows],
+        "completion": [r["completion"] for r in rows],
+    }
 
 
 def chart_data(request: HttpRequest, now: Any, step_counts: dict[str, int]) -> dict[str, Any]:
@@ -239,7 +261,7 @@ def chart_data(request: HttpRequest, now: Any, step_counts: dict[str, int]) -> d
         "durations": step_duration_percentiles(attempts, hours[0]),
         "queue": {"statuses": list(step_counts), "counts": list(step_counts.values())},
         "rates": retry_and_dead_rates(attempts, steps, hours),
-        "tokens": token_usage_by_tenant(request, hours[0]),
+        "tokens": token_usage_by_tenant(attempts, hours[0]),
         "colors": STATUS_COLORS,
     }
 

@@ -269,4 +269,19 @@ def test_dashboard_charts_count_runs_per_hour_and_scope_to_the_tenant(chain_temp
     assert charts["durations"]["types"] == ["noop"] and charts["durations"]["series"]["p50"] == [40]
     assert charts["rates"]["retries"][-1] == 1 and charts["rates"]["dead"][-1] == 1
     assert charts["rates"]["attempts"] == 2 and charts["rates"]["retry_rate"] == 0.5
-    assert charts["tokens"] is None  # the hook, until attempts record token usage
+    assert charts["tokens"] is None  # no attempt of the window called a model
+
+    # and once LLM calls record their usage on attempts, tokens per tenant (acme's only here)
+    usage = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150, "estimated": False}
+    Attempt.objects.filter(run=done).update(usage=usage)
+    Attempt.objects.create(
+        step=Step.objects.get(run=theirs, step_id="a"),
+        run=theirs,
+        number=1,
+        lease_token=theirs.pk,
+        outcome="succeeded",
+        started_at=now,
+        usage={**usage, "prompt_tokens": 999},
+    )
+    charts = chart_data(Request(member), now, {"dead": 1})
+    assert charts["tokens"] == {"tenants": ["acme"], "prompt": [120], "completion": [30]}
