@@ -118,31 +118,31 @@ def start_runs(spec: dict[str, Any], items: list[dict[str, Any]], *, template: A
 
     ``items``: per run, ``{"inputs", "correlation_id", "priority", "idempotency_key"}`` (each
     optional); ``common``: the other :func:`start_run` arguments (trigger, tenant_id, user_id).
-    Every item's inputs are validated first: one bad item raises ``WorkflowError`` naming its index
-    and nothing is created. A run whose idempotency key exists already is returned as it is.
+    One bad item raises ``WorkflowError`` naming its index and the transaction rolls back: nothing
+    is created (each item's inputs are validated once, by ``start_run``). A run whose idempotency
+    key exists already is returned as it is.
     Returns the runs in item order.
     """
     from templates_app.errors import WorkflowError
-    from templates_app.spec import validate_inputs
 
-    for index, item in enumerate(items):
-        try:
-            validate_inputs(spec, item.get("inputs") or {})
-        except WorkflowError as exc:
-            raise WorkflowError(f"runs[{index}]: {exc}") from None
-    with transaction.atomic():
-        return [
-            start_run(
-                spec,
-                item.get("inputs") or {},
-                template=template,
-                correlation_id=item.get("correlation_id", "") or "",
-                priority=item.get("priority", 5),
-                idempotency_key=item.get("idempotency_key") or None,
-                **common,
-            )
-            for item in items
-        ]
+    runs: list[Run] = []
+    with transaction.atomic():  # one bad item rolls back the runs started before it
+        for index, item in enumerate(items):
+            try:
+                runs.append(
+                    start_run(
+                        spec,
+                        item.get("inputs") or {},
+                        template=template,
+                        correlation_id=item.get("correlation_id", "") or "",
+                        priority=item.get("priority", 5),
+                        idempotency_key=item.get("idempotency_key") or None,
+                        **common,
+                    )
+                )
+            except WorkflowError as exc:
+                raise WorkflowError(f"runs[{index}]: {exc}") from None
+    return runs
 
 
 def wake_steps(step_pks: list[int], *, priority: int | None = None) -> None:
