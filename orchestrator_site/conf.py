@@ -36,6 +36,7 @@ class Conf:
     worker_lost_after: float
     release_db_during_step: bool
     embedded_concurrency: int
+    expand_batch: int
     # flow control
     max_concurrent_runs: int
     concurrency_poll: float

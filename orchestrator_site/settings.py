@@ -492,14 +492,17 @@ ORCHESTRATOR_EXPRESSION_MAX_SECONDS = env_float("ORCHESTRATOR_EXPRESSION_MAX_SEC
 #: timeout (seconds; keep it below ORCHESTRATOR_VISIBILITY_TIMEOUT minus the lease grace, or
 #: Redis hands a running step's message to a second worker), the workflow's own timeout
 #: (seconds), attempts per step, retry delays (seconds), steps declared in one file (parallel
-#: branches included), and items of one for_each (also enforced by the engine at expansion;
-#: the engine rewrite defines the same setting: keep one when merging).
+#: branches included), and items of one for_each (also enforced by the engine at expansion).
 ORCHESTRATOR_MAX_STEP_TIMEOUT = env_float("ORCHESTRATOR_MAX_STEP_TIMEOUT", 7200.0)
 ORCHESTRATOR_MAX_RUN_TIMEOUT = env_float("ORCHESTRATOR_MAX_RUN_TIMEOUT", 7 * 86400.0)
 ORCHESTRATOR_MAX_ATTEMPTS = env_int("ORCHESTRATOR_MAX_ATTEMPTS", 100)
 ORCHESTRATOR_MAX_RETRY_DELAY = env_float("ORCHESTRATOR_MAX_RETRY_DELAY", 86400.0)
 ORCHESTRATOR_MAX_STEPS_PER_RUN = env_int("ORCHESTRATOR_MAX_STEPS_PER_RUN", 5000)
 ORCHESTRATOR_MAX_FOR_EACH_ITEMS = env_int("ORCHESTRATOR_MAX_FOR_EACH_ITEMS", 10_000)
+#: A for_each with more items than this is not expanded in the transaction that decides it (an
+#: API request, or a completion holding its run's lock): the step is queued, and a worker
+#: inserts its children in batches of this many, each batch its own commit, sent as it commits.
+ORCHESTRATOR_EXPAND_BATCH = env_int("ORCHESTRATOR_EXPAND_BATCH", 1000)
 
 # --- LLM router, token budgets, local model (issue 8 sections 1-2: agents/llm/) ---------------------
 #: Seed 000's names work as printed: LLM_BASE_URL / LLM_MODEL (read above as the aliases of

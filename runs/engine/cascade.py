@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db import transaction
 
+from orchestrator_site.conf import conf
 from templates_app.errors import ExpressionError, WorkflowError
 
 from .. import metrics
@@ -32,8 +33,9 @@ GROUP_TYPES = frozenset({"parallel"})
 
 def is_external(spec: dict[str, Any]) -> bool:
     """True for a step done by an executor outside Celery (``queue`` declared): it waits
-    ``queued`` for a poll (runs/engine/executors.py) and is never sent as a message."""
-    return spec.get("queue") is not None
+    ``queued`` for a poll (runs/engine/executors.py) and is never sent as a message. A map step
+    is not (a Celery worker expands it when it is large); its children are."""
+    return spec.get("queue") is not None and spec.get("for_each") is None
 
 
 class Cascade:
@@ -78,7 +80,13 @@ class Cascade:
                         step, StepStatus.SKIPPED, error="when: condition is false", message="skipped: `when` is false"
                     )
             if step.parent_id is None and (spec.get("for_each") is not None or step.type in GROUP_TYPES):
-                return self._expand(step)
+                children = self._map_children(step)
+                if len(children) <= conf.expand_batch or step.type in GROUP_TYPES:
+                    return self._expand(step, children)
+                # a large map: queued like any step, its children inserted by a worker in batches
+                # (worker.expand_claimed), outside this transaction (an API request, or a
+                # completion holding the run's lock)
+                state.stage_items(step, [item for _spec, item in children])
             if step.type in INLINE_TYPES:
                 from templates_app.expressions import evaluate
 
@@ -154,48 +162,37 @@ class Cascade:
         self.batch.trace(self.run.pk, kind, f"step '{step.step_id}' {message}", step_pk=step.pk)
         return step
 
-    def _expand(self, step: Step) -> Step | None:
-        """Insert one child row per for_each item or parallel branch; the parent waits on them."""
+    def _map_children(self, step: Step) -> list[tuple[dict[str, Any], Any]]:
+        """(child spec, item) per for_each item or parallel branch of a map step, in order.
+
+        Raises ExpressionError (the for_each expression, or not a list) and WorkflowError (more
+        items than ORCHESTRATOR_MAX_FOR_EACH_ITEMS).
+        """
         from templates_app.spec import check_for_each_items
 
         spec = step.spec
-        children_specs: list[tuple[dict[str, Any], Any]] = []
         if step.type in GROUP_TYPES:
-            for branch in spec.get("params", {}).get("tasks", []):
-                child = {**spec, **branch}
-                child.pop("for_each", None)
-                children_specs.append((child, None))
-        else:
-            from templates_app.expressions import render
+            return [({**child_spec(spec), **branch}, None) for branch in spec.get("params", {}).get("tasks", [])]
+        from templates_app.expressions import render
 
-            items = render(spec["for_each"], self.context(spec.get("refs", []), step))
-            if not isinstance(items, list):
-                raise ExpressionError(f"step '{step.step_id}': for_each must give a list, got {type(items).__name__}")
-            check_for_each_items(step.step_id, items)
-            child = {k: v for k, v in spec.items() if k != "for_each"}
-            children_specs = [(child, item) for item in items]
+        items = render(spec["for_each"], self.context(spec.get("refs", []), step))
+        if not isinstance(items, list):
+            raise ExpressionError(f"step '{step.step_id}': for_each must give a list, got {type(items).__name__}")
+        check_for_each_items(step.step_id, items)
+        child = child_spec(spec)
+        return [(child, item) for item in items]
+
+    def _expand(self, step: Step, children_specs: list[tuple[dict[str, Any], Any]]) -> Step | None:
+        """Insert one child row per for_each item or parallel branch; the parent waits on them."""
         if not children_specs:
             return self._finish_inline(step, StepStatus.SUCCEEDED, output=[], message="mapped over 0 items")
-        children = [
-            Step(
-                run_id=step.run_id,
-                step_id=f"{step.step_id}[{i}]",
-                parent=step,
-                map_index=i,
-                type=child_spec["type"],
-                spec=child_spec,
-                item=state.json_safe(item),
-                max_attempts=max(1, int(child_spec.get("retry", {}).get("max_attempts", 1))),
-            )
-            for i, (child_spec, item) in enumerate(children_specs)
-        ]
-        child_ids = state.expand(step, children)
-        if not is_external(spec):
-            self.batch.enqueue.extend(child_ids)
+        child_ids = state.expand(step, child_rows(step, children_specs))
+        pairs = zip(child_ids, children_specs, strict=True)
+        self.batch.enqueue.extend(pk for pk, (spec, _item) in pairs if not is_external(spec))
         self.batch.trace(
             self.run.pk,
             TraceKind.DECISION,
-            f"step '{step.step_id}' fanned out to {len(children)} children",
+            f"step '{step.step_id}' fanned out to {len(children_specs)} children",
             step_pk=step.pk,
         )
         return None
@@ -228,8 +225,13 @@ class Cascade:
         """Count a map child down on its parent; finish the parent when it was the last one."""
         if sql.decrement_parent(child.parent_id) != 0:
             return None
-        parent = Step.objects.get(pk=child.parent_id)
-        if parent.status != StepStatus.RUNNING:
+        return self.join(Step.objects.get(pk=child.parent_id))
+
+    def join(self, parent: Step) -> Step | None:
+        """Finish a map step whose children all finished: the joined outputs, or the first error.
+        None (nothing done) unless it is ``running`` with no lease: a map step still being
+        expanded by a worker (worker.expand_claimed) joins when that worker is done."""
+        if parent.status != StepStatus.RUNNING or parent.lease_token is not None:
             return None
         rows = list(parent.children.order_by("map_index").values("status", "output", "error", "step_id"))
         failed = [r for r in rows if r["status"] != StepStatus.SUCCEEDED]
@@ -251,6 +253,28 @@ class Cascade:
             step_pk=parent.pk,
         )
         return parent
+
+
+def child_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec of each child of a for_each step: its own, without the ``for_each``."""
+    return {k: v for k, v in spec.items() if k != "for_each"}
+
+
+def child_rows(step: Step, children_specs: list[tuple[dict[str, Any], Any]], start: int = 0) -> list[Step]:
+    """Unsaved child rows of map step ``step``: one per (spec, item), map indexes from ``start``."""
+    return [
+        Step(
+            run_id=step.run_id,
+            step_id=f"{step.step_id}[{i}]",
+            parent=step,
+            map_index=i,
+            type=spec["type"],
+            spec=spec,
+            item=state.json_safe(item),
+            max_attempts=max(1, int(spec.get("retry", {}).get("max_attempts", 1))),
+        )
+        for i, (spec, item) in enumerate(children_specs, start)
+    ]
 
 
 def maybe_finish_run(run: Run, batch: state.Batch) -> None:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 
 from templates_app.errors import ExpressionError, WorkflowError
 
@@ -73,6 +74,8 @@ def poll(
             run__status__in=sorted(RUN_ACTIVE),
             spec__queue__in=list(queues),
         )
+        # not a large map step (a Celery worker expands it): specs carry `for_each: null` otherwise
+        .filter(Q(parent__isnull=False) | Q(spec__for_each=None) | Q(spec__for_each__isnull=True))
         .order_by("run__priority", "queued_at", "id")
         .values_list("pk", flat=True)[: max_tasks * 3]
     )

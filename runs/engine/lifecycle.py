@@ -300,7 +300,9 @@ def reset_for_retry(
                 kids_of.setdefault(child.parent_id, []).append(child)
         for seed in seeds:
             failed_kids = [c for c in kids_of.get(seed.pk, []) if c.status in RETRYABLE]
-            if failed_kids:
+            # a large map whose expansion did not finish (worker.expand_claimed) expands afresh
+            unexpanded = isinstance(seed.input, list) and len(kids_of.get(seed.pk, [])) < len(seed.input)
+            if failed_kids and not unexpanded:
                 partial[seed.step_id] = failed_kids
             else:
                 full.add(seed.step_id)

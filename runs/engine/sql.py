@@ -188,10 +188,13 @@ def claim_and_begin(
         StepStatus.RUNNING, token, now, float(default_timeout), float(grace), worker, now,
         step_pk, StepStatus.QUEUED, StepStatus.RETRY_WAIT, now,
     ]  # fmt: skip
-    # the same test as gate.gated(): a declaration that is present and not null
+    # the same test as gate.gated(): a declaration that is present and not null, on a step that
+    # is not a map step (whose declarations are its children's)
     begin_if = (
-        "FROM c WHERE c.r_status <> ALL(%s) AND COALESCE(jsonb_typeof(c.spec -> 'rate_limit'), 'null') = 'null' "
-        "AND COALESCE(jsonb_typeof(c.spec -> 'concurrency'), 'null') = 'null'"
+        "FROM c WHERE c.r_status <> ALL(%s) AND ("
+        "(COALESCE(jsonb_typeof(c.spec -> 'rate_limit'), 'null') = 'null' "
+        "AND COALESCE(jsonb_typeof(c.spec -> 'concurrency'), 'null') = 'null') "
+        "OR COALESCE(jsonb_typeof(c.spec -> 'for_each'), 'null') <> 'null')"
     )
     attempt_sql, attempt_params = _insert_select(
         Attempt,

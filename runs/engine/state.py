@@ -204,6 +204,68 @@ def expand(step: Step, children: list[Step]) -> list[int]:
     return list(Step.objects.filter(parent=step).order_by("map_index").values_list("pk", flat=True))
 
 
+def stage_items(step: Step, items: list[Any]) -> None:
+    """A large map step's items, kept on its ``input`` for the worker that will expand it in
+    batches (runs/engine/worker.py ``expand_claimed``); the step is queued by the caller."""
+    Step.objects.filter(pk=step.pk).update(input=items)
+    step.input = items
+
+
+def expand_batch(
+    step: Step, token: uuid.UUID, make_rows: Any, size: int, lease_until: datetime
+) -> tuple[list[int], int, int] | None:
+    """Insert the next ``size`` children of a claimed large map step; the caller holds the run's lock.
+
+    ``make_rows(items, start)`` builds the unsaved child rows of ``items`` (indexes from
+    ``start``). The first batch sets the step's ``pending_children`` to the item count (and the
+    run's ``steps_total``); each batch extends the lease to ``lease_until``, so a long expansion
+    is not taken for a lost one. Resumes after the last child already inserted (a retry after a
+    lost attempt inserts nothing twice). Returns (the new children's ids in order, children
+    inserted so far, item count), or None when the step is no longer running under ``token``
+    (cancelled, or its lease taken over).
+    """
+    parent = (
+        Step.objects.select_for_update(of=("self",))
+        .only("id", "run_id", "step_id", "input", "pending_children", "spec")
+        .filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token)
+        .first()
+    )
+    if parent is None:
+        return None
+    items = parent.input if isinstance(parent.input, list) else []
+    start = Step.objects.filter(parent_id=step.pk).count()
+    changes: dict[str, Any] = {"lease_expires_at": lease_until}
+    if parent.pending_children is None:
+        changes["pending_children"] = len(items)
+        Run.objects.filter(pk=step.run_id).update(steps_total=F("steps_total") + len(items))
+    rows = make_rows(items[start : start + size], start)
+    at = now()
+    for child in rows:
+        child.status, child.queued_at = StepStatus.QUEUED, at
+    Step.objects.bulk_create(rows)
+    Step.objects.filter(pk=step.pk).update(**changes)
+    ids = list(
+        Step.objects.filter(parent_id=step.pk, map_index__gte=start).order_by("map_index").values_list("pk", flat=True)
+    )
+    return ids, start + len(rows), len(items)
+
+
+def expanded(step: Step, token: uuid.UUID, duration_ms: int) -> Step | None:
+    """Every child of a large map step is inserted: its attempt closes as ``succeeded`` and its
+    lease is released; the step stays ``running`` until its children finish (``cascade.join``).
+    The caller holds the run's lock. Returns the step as it is now (for a join when its children
+    all finished already), or None when the lease is no longer ``token``'s."""
+    at = now()
+    if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token).update(
+        lease_token=None, lease_expires_at=None, worker=""
+    ):
+        return None
+    Attempt.objects.filter(step_id=step.pk, lease_token=token).update(
+        outcome=AttemptOutcome.SUCCEEDED, finished_at=at, duration_ms=duration_ms
+    )
+    return Step.objects.get(pk=step.pk)
+
+
 def finish_parent(parent: Step, status: str, *, output: Any, error: str) -> None:
     """A map parent whose last child finished reaches ``status`` (joined outputs or the first error)."""
     Step.objects.filter(pk=parent.pk, status=StepStatus.RUNNING).update(

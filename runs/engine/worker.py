@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from django.db import InterfaceError, OperationalError, connection, transaction
@@ -18,9 +19,9 @@ from orchestrator_site.conf import conf
 from templates_app.errors import ExpressionError, WorkflowError
 
 from .. import metrics
-from ..choices import AttemptOutcome
+from ..choices import AttemptOutcome, TraceKind
 from ..models import Attempt, Run, Step, Trace
-from . import attempts, sql, state, sweeper
+from . import attempts, broker, cascade, sql, state, sweeper
 from .context import build_context
 
 log = logging.getLogger("orchestrator.engine")
@@ -95,6 +96,8 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
     from agents.registry import StepContext, StepDeferred, StepError, get_handler, run_with_timeout
 
     step, run, token, at = claim.step, claim.run, claim.token, claim.now
+    if step.parent_id is None and step.spec.get("for_each") is not None and claim.gate_error is None:
+        return expand_claimed(claim), None  # only a large map is ever claimed (cascade.Cascade)
     timeout = step_timeout(step, run, at)
     started = time.monotonic()
     output: Any = None
@@ -165,6 +168,62 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
     if result != "succeeded":
         log.info("step %s: %s", step.step_id, result, extra={"attempt": step.attempts, "duration_ms": duration_ms})
     return result, next_claim
+
+
+def expand_claimed(claim: state.Claim) -> str:
+    """Expand a claimed large map step (a ``for_each`` with more items than
+    ``ORCHESTRATOR_EXPAND_BATCH``, whose items ``cascade`` staged on its ``input``): insert its
+    children ``ORCHESTRATOR_EXPAND_BATCH`` at a time, each batch one transaction (the run's lock
+    first, then the step) whose children are sent once it commits, so the first items run while
+    later ones are inserted and no transaction holds the run for the whole map.
+
+    The expansion is the step's attempt: leased, extended at each batch, and recovered like any
+    attempt if its worker dies (the retry resumes after the last child inserted). When every
+    child is in, the attempt closes ``succeeded`` and the step waits ``running`` for its children
+    (the last one joins it, ``cascade.Cascade.join``). Returns "expanded", or "refused" when the
+    step was cancelled or its lease taken over meanwhile (nothing more is inserted).
+    """
+    step, run, token = claim.step, claim.run, claim.token
+    started = time.monotonic()
+    size = max(1, conf.expand_batch)
+    lease = sql.step_timeout(step.spec, conf.default_step_timeout) + conf.lease_grace
+    spec = cascade.child_spec(step.spec)
+    external = cascade.is_external(spec)
+
+    def rows(items: list[Any], start: int) -> list[Step]:
+        return cascade.child_rows(step, [(spec, item) for item in items], start)
+
+    while True:
+        with transaction.atomic():
+            if state.lock_run(run.pk) is None:
+                return "refused"
+            batch = state.expand_batch(step, token, rows, size, state.now() + timedelta(seconds=lease))
+            if batch is None:
+                return "refused"
+            ids, inserted, total = batch
+            if ids and not external:
+                transaction.on_commit(lambda ids=ids: broker.enqueue_steps(ids, priority=run.priority))
+            if inserted < total:
+                continue
+            duration_ms = int((time.monotonic() - started) * 1000)
+            parent = state.expanded(step, token, duration_ms)
+            if parent is None:
+                return "refused"
+            tracer = state.Batch()
+            tracer.trace(
+                run.pk,
+                TraceKind.DECISION,
+                f"step '{step.step_id}' fanned out to {total} children (batches of {size})",
+                step_pk=step.pk,
+                attempt=step.attempts,
+            )
+            decider = cascade.Cascade(run, tracer)
+            # its children may all have finished while it waited for a retry: join it now
+            joined = decider.join(parent) if parent.pending_children == 0 else None
+            if joined is not None:
+                decider.finished([joined])
+            tracer.flush(priority=run.priority)
+        return "expanded"
 
 
 #: What an attempt's recorded outcome says its step's outcome was (after an uncertain commit).

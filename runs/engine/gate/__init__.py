@@ -69,8 +69,12 @@ def gated(spec: dict[str, Any]) -> bool:
     """True when a step spec declares a rate limit or a concurrency limit (else no gate, no query).
 
     A declaration counts when present and not null: the same test as the claim's SQL
-    (runs/engine/sql.py ``claim_and_begin``).
+    (runs/engine/sql.py ``claim_and_begin``). A map step's own claim (a large ``for_each``
+    expanded by a worker, runs/engine/worker.py) is never gated: its declarations are for its
+    children, whose specs carry them without the ``for_each``.
     """
+    if spec.get("for_each") is not None:
+        return False
     return spec.get("rate_limit") is not None or spec.get("concurrency") is not None
 
 
