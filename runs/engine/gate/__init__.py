@@ -201,7 +201,7 @@ def admit_step(step: Any, run: Any, token: Any, lease_expires_at: datetime, now:
         try:
             wait, joined = ratelimit.acquire_for_step(step.pk, bucket, now)
         except ratelimit.RateLimitNotConfigured as exc:
-            raise GateError(str(exc).replace(repr(key), repr(shown_key(run.tenant_id, key)))) from None
+            raise GateError(exc.describe(shown_key(run.tenant_id, key))) from None
         if wait > 0:
             shown = shown_key(run.tenant_id, key)
             return Wait(seconds=wait, reason=f"rate limit {shown!r}: its token comes in {wait:.3f} s", trace=joined)

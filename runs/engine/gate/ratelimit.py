@@ -34,7 +34,19 @@ from agents.rates import parse_rate  # noqa: F401 - part of this module's API
 
 
 class RateLimitNotConfigured(Exception):
-    """A step names a bucket that neither it nor the admin gives a capacity and a rate."""
+    """A step names a bucket that neither it nor the admin gives a capacity and a rate.
+
+    ``key`` is the stored key; :meth:`describe` words the error for the key a user should see
+    (the gate shows a tenant its own key, without the ``<tenant>/`` scope).
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(self.describe(key))
+
+    @staticmethod
+    def describe(shown_key: str) -> str:
+        return f"rate limit {shown_key!r} is not configured: declare capacity and rate, or create it in the admin"
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,7 @@ def _locked_row(bucket: Bucket, now: datetime) -> RateLimit:
     row = RateLimit.objects.select_for_update().filter(key=bucket.key).first()
     if row is None:
         if bucket.capacity is None or bucket.refill_rate is None:
-            raise RateLimitNotConfigured(
-                f"rate limit {bucket.key!r} is not configured: declare capacity and rate, or create it in the admin"
-            )
+            raise RateLimitNotConfigured(bucket.key)
         try:
             with transaction.atomic():
                 RateLimit.objects.create(
