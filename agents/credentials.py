@@ -37,7 +37,7 @@ from .redaction import register_secret
 
 log = logging.getLogger("orchestrator.credentials")
 
-RESOLUTION_STATUSES = ("ok", "not_found", "host_denied", "decrypt_error")
+# resolution statuses (metric label): ok, not_found, host_denied, decrypt_error
 
 
 # --- metric -------------------------------------------------------------------------------------

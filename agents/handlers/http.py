@@ -88,9 +88,6 @@ TRANSPORT_PARAMS = frozenset(
     }
 )
 
-#: Default cap on a response body, bytes (setting ORCHESTRATOR_HTTP_MAX_RESPONSE_BYTES).
-DEFAULT_MAX_RESPONSE_BYTES = 10_000_000
-
 #: Characters of an error body quoted in a failure message.
 DETAIL_CHARS = 300
 

@@ -19,17 +19,8 @@ import logging
 
 log = logging.getLogger("orchestrator.metrics")
 
-REQUEST_STATUSES = (
-    "ok",
-    "throttled",
-    "server_error",
-    "connection_error",
-    "timeout",
-    "context_length",
-    "refused",
-    "schema_invalid",
-    "circuit_open",
-)
+# statuses (label `status` of orchestrator_llm_requests_total): ok, throttled, server_error,
+# connection_error, timeout, context_length, refused, schema_invalid, circuit_open
 
 
 def _counter(name: str, documentation: str, labels: list[str]):

@@ -21,9 +21,6 @@ from ..httpclient import USER_AGENT
 
 __all__ = ["AnswerTooLarge", "get_llm_client"]
 
-#: Default cap on one answer, bytes.
-DEFAULT_MAX_RESPONSE_BYTES = 20_000_000
-
 _local = threading.local()
 
 
