@@ -73,6 +73,9 @@ def test_generation_through_the_local_model_loads_dry_runs_and_is_saved(local, t
     jsonschema.validate(yaml.safe_load(result.yaml), llamacpp_schemas(request)["llamacpp"])
     assert result.dry_run["status"] == "succeeded"
     assert [s["id"] for s in result.dry_run["steps"]] == ids
+    # python steps call only callables that need no argument (their calls bind in the dry run)
+    python = llamacpp_schemas(request)["llamacpp"]["$defs"].get("params_python")
+    assert python is None or "templates_app.builtin_tasks.write_audit_report" not in json.dumps(python)
     # saved as a new generated version of its key
     saved = WorkflowTemplate.objects.get(tenant_id="acme", key=result.template_key)
     assert saved.generated and saved.version == result.template_version and saved.spec == spec

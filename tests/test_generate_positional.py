@@ -21,7 +21,8 @@ from templates_app.generation.positional import positional_schema, step_id
 from templates_app.generation.service import COMPLEXITY_STEPS, to_yaml
 from templates_app.spec import load_spec
 
-CALLABLES = ["agents.testing.echo"]
+#: Callables that need no argument (the only ones positional python steps are offered).
+CALLABLES = ["agents.testing.echo", "templates_app.builtin_tasks.list_subpackages"]
 _CLASS = re.compile(r"^\^\[(?P<chars>[^\]]+)\]\{(?P<low>\d+),(?P<high>\d+)\}\$$")
 
 

@@ -452,7 +452,20 @@ def llamacpp_schemas(request: GenerationRequest) -> dict[str, dict[str, Any]]:
     if not any(p.kind == "llamacpp" for p in providers.providers_for(request.tenant_id, "planning")):
         return {}
     steps = COMPLEXITY_STEPS[request.complexity]
-    return {"llamacpp": positional_schema(steps, sorted(allowed_callables()), sorted(registry.handler_types()))}
+    # positional python steps take no arguments: offer only the callables that need none
+    callables = [path for path in sorted(allowed_callables()) if _callable_without_arguments(path)]
+    return {"llamacpp": positional_schema(steps, callables, sorted(registry.handler_types()))}
+
+
+def _callable_without_arguments(path: str) -> bool:
+    from agents.handlers.python import check_call
+    from agents.registry import StepError
+
+    try:
+        check_call({"callable": path})
+    except StepError:
+        return False
+    return True
 
 
 def params_schemas() -> dict[str, dict[str, Any]]:
