@@ -556,6 +556,15 @@ ORCHESTRATOR_GENERATE_MAX_TOKENS = env_int("ORCHESTRATOR_GENERATE_MAX_TOKENS", 4
 ORCHESTRATOR_GENERATE_EXAMPLE_CHARS = env_int("ORCHESTRATOR_GENERATE_EXAMPLE_CHARS", 6000)
 #: Seconds one model call may take (over all providers).
 ORCHESTRATOR_GENERATE_LLM_TIMEOUT = env_float("ORCHESTRATOR_GENERATE_LLM_TIMEOUT", 120.0)
+#: The workflow schema sent to llama.cpp providers: `positional` (fixed step ids, depends_on only on
+#: earlier steps, plain-text params: what the loader would refuse cannot be decoded;
+#: templates_app/generation/positional.py) or `full` (the same schema as every other provider).
+ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA = env_str("ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA", "positional").lower()
+if ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA not in ("positional", "full"):
+    raise ImproperlyConfigured(
+        "ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA: expected positional or full, "
+        f"got {ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA!r}"
+    )
 
 
 # --- Operator experience (issue 12): offline API docs, API errors, static files ------------------

@@ -296,6 +296,33 @@ steps:
     assert Run.objects.count() == 0 and Step.objects.count() == 0
 
 
+@pytest.mark.django_db
+def test_dry_run_catches_a_python_call_that_cannot_bind(tenants):
+    # write_audit_report(audit, report_path=..., ctx=None): `audit` is required
+    text = """\
+key: calls
+steps:
+  - id: listed
+    type: python
+    params: {callable: templates_app.builtin_tasks.list_distributions}
+  - id: report
+    type: python
+    depends_on: [listed]
+    params: {callable: templates_app.builtin_tasks.write_audit_report, kwargs: {report_path: a.md}}
+"""
+    report = dry_run(load_spec(text), "acme")
+
+    statuses = {s["id"]: s["status"] for s in report.steps}
+    assert statuses["listed"] == "succeeded" and statuses["report"] in ("dead", "failed")
+    assert any("report" in e and "missing a required argument: 'audit'" in e for e in report.errors), report.errors
+
+    # an unknown keyword fails the same way; a call that binds passes
+    bad = text.replace("kwargs: {report_path: a.md}", "kwargs: {audit: {}, colour: red}")
+    assert "unexpected keyword argument 'colour'" in " ".join(dry_run(load_spec(bad), "acme").errors)
+    good = text.replace("kwargs: {report_path: a.md}", "kwargs: {audit: {}, report_path: a.md}")
+    assert dry_run(load_spec(good), "acme").ok
+
+
 def test_json_schema_comes_from_the_loader():
     import jsonschema
 

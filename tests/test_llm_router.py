@@ -81,6 +81,36 @@ def test_llamacpp_providers_get_json_object_with_the_schema(routed, settings):
     assert result.parsed["city"] == "Lyon"
 
 
+def test_kind_schemas_send_each_provider_kind_its_own_schema_and_validate_against_it(routed, settings):
+    # Given a llama.cpp primary that fails with a 500 and an OpenAI-kind fallback (the same server)
+    settings.ORCHESTRATOR_LLM_KIND = "llamacpp"
+    settings.ORCHESTRATOR_LLM_FALLBACK_URLS = [routed.url.replace("127.0.0.1", "localhost")]
+    tight = {**SCHEMA, "properties": {**SCHEMA["properties"], "city": {"enum": ["Paris"]}}}
+    routed.script(Reply.server_error(500), {"city": "Lyon", "population": 522250})
+
+    # When the tight schema is for llamacpp only
+    result = llm.complete(
+        tenant_id="default", messages=ASK, schema=SCHEMA, schema_name="city", kind_schemas={"llamacpp": tight}
+    )
+
+    # Then the llama.cpp server got the tight schema, the fallback the strict default, and the
+    # fallback's answer (outside the tight enum) was validated against the default
+    first, second = routed.calls()
+    assert first["response_format"] == {"type": "json_object", "schema": tight}
+    assert second["response_format"]["json_schema"] == {"name": "city", "schema": SCHEMA, "strict": True}
+    assert (result.provider, result.parsed["city"]) == ("fallback-1", "Lyon")
+
+    # and a llama.cpp answer is held to the tight schema
+    settings.ORCHESTRATOR_LLM_FALLBACK_URLS = []
+    routed.script({"city": "Lyon", "population": 522250})
+    with pytest.raises(llm.LLMSchemaError, match=r"\$\.city"):
+        llm.complete(
+            tenant_id="default", messages=ASK, schema=SCHEMA, schema_name="city", kind_schemas={"llamacpp": tight}
+        )
+    with pytest.raises(ValueError, match="kind_schemas: needs schema"):
+        llm.complete(tenant_id="default", messages=ASK, kind_schemas={"llamacpp": tight})
+
+
 def test_an_answer_that_does_not_validate_is_a_schema_error_naming_the_field(routed):
     routed.script({"city": "Paris", "population": "two million"}, schema="city")
 

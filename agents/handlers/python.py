@@ -139,6 +139,34 @@ def resolve(path: str) -> Callable[..., Any]:
     raise StepError(f"cannot import {path}: no such module", permanent=True)
 
 
+def check_call(params: dict[str, Any]) -> None:
+    """Raise a permanent StepError when ``params`` cannot call their callable at all (the dry run's check).
+
+    The arguments are built as :meth:`PythonHandler.run` builds them (``args``, the params outside
+    :data:`RESERVED`, ``kwargs``, and ``ctx`` when the callable takes it) and bound to its
+    signature without calling it: ``"pkg.mod.f: missing a required argument: 'audit'"``. Values
+    are not checked, only names and counts. An unknown or unlisted callable is a StepError too.
+    """
+    path = params.get("callable")
+    if not isinstance(path, str) or path not in allowed_callables():
+        raise StepError(f"callable {path!r} is not allowed (add it to ORCHESTRATOR_PYTHON_CALLABLES)", permanent=True)
+    func = resolve(path)
+    args = params.get("args") or []
+    extra = params.get("kwargs") or {}
+    if not isinstance(args, list) or not isinstance(extra, dict):
+        raise StepError("args must be a list and kwargs a mapping", permanent=True)
+    kwargs = {k: v for k, v in params.items() if k not in RESERVED}
+    kwargs.update(extra)
+    if _accepts_ctx(func):
+        kwargs["ctx"] = None
+    try:
+        inspect.signature(func).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise StepError(f"{path}: {exc}", permanent=True) from None
+    except ValueError:  # no signature to read (a builtin): the real call will tell
+        return
+
+
 def _accepts_ctx(func: Callable[..., Any]) -> bool:
     try:
         return "ctx" in inspect.signature(func).parameters

@@ -36,6 +36,7 @@ Errors: :class:`LLMError` (a StepError; ``permanent`` says whether retrying help
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,7 @@ def complete(
     tag: str | None = None,
     model: str | None = None,
     timeout: float | None = None,
+    kind_schemas: Mapping[str, dict[str, Any]] | None = None,
 ) -> LLMResult:
     """One chat completion through the tenant's providers, with failover, budget and schema.
 
@@ -127,6 +129,10 @@ def complete(
         tag: providers carrying this tag are tried first (the others after them, as fallbacks).
         model: the model asked of every provider (default: each provider's own).
         timeout: seconds for the whole call across providers (default ``ORCHESTRATOR_LLM_TIMEOUT``).
+        kind_schemas: ``{provider kind: JSON Schema}`` sent instead of ``schema`` to providers of
+            that kind (e.g. a tighter one for ``llamacpp`` servers, whose grammar can rule out
+            more than OpenAI's strict mode accepts); the answer is validated against the schema
+            its provider was sent. Needs ``schema``.
 
     Returns:
         LLMResult.
@@ -154,4 +160,5 @@ def complete(
         tag=tag,
         model=model,
         timeout=timeout,
+        kind_schemas=kind_schemas,
     )

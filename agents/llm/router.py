@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import openai
@@ -93,6 +94,7 @@ def complete(
     timeout: float | None = None,
     providers: list[Provider] | None = None,
     json_mode: bool = False,
+    kind_schemas: Mapping[str, dict[str, Any]] | None = None,
 ):
     """See :func:`agents.llm.complete` (the documented entry point).
 
@@ -101,6 +103,11 @@ def complete(
     parses it into ``parsed`` when no schema is given.
     """
     _check_args(messages, max_tokens, temperature, timeout, tools, schema, schema_name)
+    if kind_schemas:
+        if schema is None:
+            raise ValueError("kind_schemas: needs schema (the one for every other provider kind)")
+        for other in kind_schemas.values():
+            structured.check_schema(other, schema_name or "answer")
     tenant_id = tenant_id or "default"
     if providers is None:
         providers = providers_for(tenant_id, tag)
@@ -114,11 +121,12 @@ def complete(
     reservation = budgets.reserve(tenant_id, budgets.estimate_prompt_tokens(messages, tools) + max_tokens)
     charged = 0
     try:
-        result = _route(
+        result, used = _route(
             tenant_id,
             providers,
             messages,
             schema=schema,
+            kind_schemas=kind_schemas or {},
             schema_name=schema_name or "answer",
             tools=tools,
             max_tokens=max_tokens,
@@ -130,7 +138,8 @@ def complete(
         charged = int(result.usage.get("total_tokens") or 0)
         if schema is not None or json_mode:
             try:
-                result.parsed = structured.parse_and_validate(result.content, schema or {})
+                # validated against the schema the answering provider was sent
+                result.parsed = structured.parse_and_validate(result.content, used or {})
             except LLMSchemaError as exc:
                 exc.result = result
                 count_request(result.provider, "schema_invalid")
@@ -223,7 +232,9 @@ def _route(
     model: str | None,
     timeout: float,
     json_mode: bool = False,
+    kind_schemas: Mapping[str, dict[str, Any]] | None = None,
 ):
+    """Try ``providers`` in order; return ``(LLMResult, the schema the answering provider was sent)``."""
     from . import LLMResult
 
     deadline = time.monotonic() + timeout
@@ -258,8 +269,9 @@ def _route(
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
-        if schema is not None:
-            request["response_format"] = structured.response_format(schema, schema_name, provider.kind)
+        provider_schema = (kind_schemas or {}).get(provider.kind, schema) if schema is not None else None
+        if provider_schema is not None:
+            request["response_format"] = structured.response_format(provider_schema, schema_name, provider.kind)
         elif json_mode:
             request["response_format"] = {"type": "json_object"}
         if tools:
@@ -358,7 +370,7 @@ def _route(
             latency_ms=latency,
             finish_reason=choice.finish_reason if choice is not None else None,
             attempts=attempts,
-        )
+        ), provider_schema
 
     summary = "; ".join(failures)
     retry_after = min(waits) if waits else None

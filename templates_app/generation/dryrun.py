@@ -16,7 +16,9 @@ How (in the caller's process, no worker, no broker):
 Stub outputs keep each handler's documented envelope: http ``{"status": 200, "body", "headers"}``,
 exec ``{"exit_code": 0, "stdout", "stderr": ""}``, llm ``{"content", "model", "provider", "usage",
 "finish_reason"}`` plus ``json`` shaped by the step's ``schema`` (:func:`example_of`), python the
-callable's ``dry_run_output`` attribute when it declares one. So ``${steps.fetch.output.status}``
+callable's ``dry_run_output`` attribute when it declares one, after binding the step's arguments
+to the callable's signature without calling it (``agents.handlers.python.check_call``: a missing
+required argument or an unknown keyword fails here). So ``${steps.fetch.output.status}``
 passes, ``${steps.fetch.output.bdy}`` fails, ``${steps.fetch.output.body.anything}`` passes (the
 body is unknown), and a reference to a step a condition skipped fails as it would in production.
 
@@ -37,6 +39,7 @@ from typing import Any
 from django.db import transaction
 
 from agents import registry
+from agents.handlers.python import check_call
 from agents.registry import StepContext, StepHandler
 
 from .. import expressions
@@ -140,6 +143,9 @@ class StubHandler(StepHandler):
                 out["tool_calls"] = []
             return out
         if kind == "python":
+            # a call that cannot bind (a required argument missing, an unknown keyword) would fail
+            # the same way in production
+            check_call(p)
             declared = _declared_output(p.get("callable"))
             return copy.deepcopy(declared) if declared is not None else placeholder(where)
         if kind == "sleep":

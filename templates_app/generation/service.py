@@ -40,6 +40,7 @@ from ..errors import WorkflowError, one_line
 from ..models import GENERATION_TERMINAL, Complexity, GenerationStatus, WorkflowGenerationJob, WorkflowTemplate
 from . import metrics, planner
 from .dryrun import DryRunReport, dry_run
+from .positional import positional_schema
 
 #: Steps a workflow of each complexity may have at most (the schema's maxItems, told to the model).
 COMPLEXITY_STEPS = {"low": 3, "medium": 8, "high": 20}
@@ -376,7 +377,8 @@ def _with_model(
 
     schema = json_schema(params=params_schemas())
     schema["properties"]["steps"]["maxItems"] = COMPLEXITY_STEPS[request.complexity]
-    messages = _messages(request, plan, schema)
+    kind_schemas = llamacpp_schemas(request)
+    messages = _messages(request, plan, schema, positional=bool(kind_schemas))
     rounds = 1 + settings.ORCHESTRATOR_GENERATE_REPAIR_ROUNDS
     for number in range(1, rounds + 1):
         round_started = time.monotonic()
@@ -388,6 +390,7 @@ def _with_model(
                 messages=messages,
                 schema=schema,
                 schema_name="workflow",
+                kind_schemas=kind_schemas,
                 max_tokens=settings.ORCHESTRATOR_GENERATE_MAX_TOKENS,
                 temperature=0.0,
                 tag="planning",
@@ -431,6 +434,38 @@ def _with_model(
         result.ok, result.errors, result.spec = True, [], spec
         _journal(job, _entry(number, "llm", "dry_run", True, [], usage, round_started))
         return
+
+
+def llamacpp_schemas(request: GenerationRequest) -> dict[str, dict[str, Any]]:
+    """``{"llamacpp": positional schema}`` when a llama.cpp provider may answer and
+    ``ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA`` is ``positional`` (the default); else ``{}``.
+
+    See :mod:`.positional`: under it, grammar-constrained decoding cannot produce a step that
+    depends on an unknown or later step, nor a bad expression, so a small model's answer loads.
+    """
+    from agents import registry
+    from agents.handlers.python import allowed_callables
+    from agents.llm import providers
+
+    if settings.ORCHESTRATOR_GENERATE_LLAMACPP_SCHEMA != "positional":
+        return {}
+    if not any(p.kind == "llamacpp" for p in providers.providers_for(request.tenant_id, "planning")):
+        return {}
+    steps = COMPLEXITY_STEPS[request.complexity]
+    # positional python steps take no arguments: offer only the callables that need none
+    callables = [path for path in sorted(allowed_callables()) if _callable_without_arguments(path)]
+    return {"llamacpp": positional_schema(steps, callables, sorted(registry.handler_types()))}
+
+
+def _callable_without_arguments(path: str) -> bool:
+    from agents.handlers.python import check_call
+    from agents.registry import StepError
+
+    try:
+        check_call({"callable": path})
+    except StepError:
+        return False
+    return True
 
 
 def params_schemas() -> dict[str, dict[str, Any]]:
@@ -539,8 +574,14 @@ def _repair(errors: list[str], dry: bool = False) -> dict[str, str]:
     }
 
 
-def _messages(request: GenerationRequest, plan: planner.Plan, schema: dict[str, Any]) -> list[dict[str, str]]:
-    """The system message (format, step types, endpoints, examples) and the user's request."""
+def _messages(
+    request: GenerationRequest, plan: planner.Plan, schema: dict[str, Any], positional: bool = False
+) -> list[dict[str, str]]:
+    """The system message (format, step types, endpoints, examples) and the user's request.
+
+    ``positional``: a llama.cpp provider gets the positional schema (:mod:`.positional`); the
+    message says what it fixes.
+    """
     from agents.handlers.python import allowed_callables
 
     docs = planner.step_type_documents()
@@ -573,6 +614,11 @@ def _messages(request: GenerationRequest, plan: planner.Plan, schema: dict[str, 
         "and params.method, or an absolute params.url.\n"
         f"python steps may call only these callables (params.callable, params.kwargs): {callables}.\n"
     )
+    if positional:
+        system += (
+            "If your answer is constrained by a grammar (llama.cpp), steps are step_1, step_2... in order, a "
+            "step depends only on earlier steps, and params are plain text without ${...}.\n"
+        )
     if examples:
         system += "Stored workflows that match the request (YAML, same format):\n" + "\n\n".join(examples)
     user = request.prompt
