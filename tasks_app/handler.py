@@ -46,8 +46,8 @@ from .choices import TaskStatus
 from .models import AgentTask
 from .tools import Tool, ToolError, resolve_tools
 
-#: Steps whose messages are kept after a summary (the "last K steps").
-KEEP_STEPS = 2
+#: Steps whose messages are kept after a summary (the "last K steps"; one step adds two messages).
+KEEP_STEPS = 1
 #: Checkpoints kept on a task (older ones are dropped).
 MAX_CHECKPOINTS = 20
 #: Retry policy of the appended steps (LLM and tool calls are transient-failure prone).
