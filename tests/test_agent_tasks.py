@@ -253,3 +253,75 @@ def test_bad_input_is_refused_naming_the_field_and_saves_nothing(db, settings):
     with pytest.raises(services.TaskInputError, match="^checkpoint_interval: "):
         services.start_task("default", "goal", [], checkpoint_interval=0)
     assert AgentTask.objects.count() == before
+
+
+def test_a_template_tool_runs_as_a_child_run_that_wakes_the_waiting_step(scripted, chain_template_default):
+    # given the template `chain` (variables n required, greeting) granted as a tool
+    plan = {
+        "steps": [{"id": "run", "description": "Run the chain", "tool": "chain", "arguments": {"n": 3}}],
+        "estimated_duration_s": 5,
+    }
+    scripted.script(plan, schema="decompose_goal")
+    scripted.script(verdict(100, "finish", True), schema="evaluate_progress")
+
+    task = services.start_task("default", "Run the chain once", ["chain"])
+    task = wait_for_task(task.pk, timeout=30)
+
+    # then the tool call started one child run, keyed <task>:<step>, whose outputs the step kept
+    assert task.status == "completed", task.error
+    from runs.models import Run
+
+    child = Run.objects.get(tenant_id="default", idempotency_key=f"{task.pk}:step_1")
+    assert child.status == "succeeded" and child.inputs["n"] == 3
+    assert child.metadata["agent_task"] == str(task.pk)
+    step = Step.objects.get(run_id=task.run_id, step_id="step_1")
+    assert step.output["result"] == {"kind": "template", "child_run": str(child.pk), "outputs": child.outputs}
+    # the step waited without a worker (a deferred attempt) and was woken by the child's finish,
+    # well before the 10 s re-check
+    outcomes = list(Attempt.objects.filter(step=step).order_by("number").values_list("outcome", flat=True))
+    assert outcomes[-1] == "succeeded" and set(outcomes[:-1]) <= {"deferred"}
+    assert (step.finished_at - child.finished_at).total_seconds() < 5
+
+
+def test_the_arguments_are_picked_by_the_model_through_openai_tool_calls(scripted, agent_server):
+    plan = {
+        "steps": [{"id": "fetch", "description": "Fetch the issues of acme/x", "tool": "fetch_issues"}],
+        "estimated_duration_s": 5,
+    }
+    scripted.script(plan, schema="decompose_goal")
+    scripted.script(verdict(100, "finish", True), schema="evaluate_progress")
+    scripted.script(Reply.tool_call("fetch_issues", {"repo": "acme/x", "state": "open"}))
+
+    task = services.start_task("default", "Fetch", ["fetch_issues"])
+    task = wait_for_task(task.pk)
+
+    assert task.status == "completed", task.error
+    call = [c for c in scripted.calls() if c.get("tools")][0]
+    assert call["tools"][0]["function"]["name"] == "fetch_issues"
+    assert [r.body for r in tool_calls(agent_server, "fetch_issues")] == [{"repo": "acme/x", "state": "open"}]
+    assert task.strategy["steps"][0]["arguments"] == {"repo": "acme/x", "state": "open"}
+    ids = list(Step.objects.filter(run_id=task.run_id).order_by("id").values_list("step_id", flat=True))
+    assert ids == ["decompose", "args_1", "step_1", "evaluate_1"]
+
+
+def test_an_unknown_tool_in_the_plan_goes_back_to_the_model_for_repair(scripted, agent_server):
+    bad = {"steps": [{"id": "x", "description": "Delete prod", "tool": "drop_database"}], "estimated_duration_s": 1}
+    scripted.script(bad, PLAN, schema="decompose_goal")
+    scripted.script(verdict(33), verdict(66), verdict(100, "finish", True), schema="evaluate_progress")
+
+    task = services.start_task("default", "Summarize", ["fetch_issues", "store_report"])
+    task = wait_for_task(task.pk)
+
+    assert task.status == "completed", task.error
+    repair = scripted.calls("decompose_goal")[1]["messages"][-1]["content"]
+    assert "'drop_database' is not a granted tool" in repair
+    assert Attempt.objects.get(step__run_id=task.run_id, step__step_id="decompose").usage["calls"] == 2
+
+
+@pytest.fixture
+def chain_template_default(db):
+    from templates_app.services import save_template
+    from templates_app.spec import load_spec
+    from tests.conftest import CHAIN_YAML
+
+    return save_template(load_spec(CHAIN_YAML, source="chain.yaml"), CHAIN_YAML, tenant_id="default").template
