@@ -177,8 +177,8 @@ class AgentTaskHandler(StepHandler):
             raise StepDeferred(exc.seconds, exc.message) from None
         except llm.LLMSchemaError as exc:
             raise StepError(f"{name}: {exc.message}") from None
-        except orchestrator.PlanError as exc:
-            raise StepError(str(exc)) from None
+        except orchestrator.PlanError as exc:  # the repair rounds were the retries
+            raise StepError(str(exc), permanent=True) from None
         except ValueError as exc:  # arguments the router refuses (a prompt too large...)
             raise StepError(f"{name}: {exc}", permanent=True) from None
         self._record(ctx, answer, name)
