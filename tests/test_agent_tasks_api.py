@@ -139,3 +139,30 @@ def test_chat_asks_the_model_when_the_heuristics_are_unsure(acme_llm, owner_api)
 
     assert data["orchestrated"] is False and data["content"] == "42"
     assert len(acme_llm.calls("should_orchestrate")) == 1
+
+
+def test_admin_task_page_and_actions_check_roles(acme_llm, owner, viewer, client):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    from tasks_app import services
+
+    task = services.start_task("acme", "Long job", [])
+    User = get_user_model()
+    for user in (owner, viewer):
+        User.objects.filter(pk=user.pk).update(is_staff=True)
+        user.user_permissions.add(*Permission.objects.filter(content_type__app_label="tasks_app"))
+    # the change page shows the goal, the progress bar and the run
+    client.force_login(owner)
+    page = client.get(f"/admin/tasks_app/agenttask/{task.pk}/change/")
+    assert page.status_code == 200
+    assert b"Long job" in page.content and b"<progress" in page.content
+    # a viewer's pause is refused; the owner's goes through the service
+    client.force_login(viewer)
+    client.post("/admin/tasks_app/agenttask/", {"action": "pause_tasks", "_selected_action": [str(task.pk)]})
+    assert AgentTask.objects.get(pk=task.pk).status == "running"
+    client.force_login(owner)
+    client.post("/admin/tasks_app/agenttask/", {"action": "pause_tasks", "_selected_action": [str(task.pk)]})
+    assert AgentTask.objects.get(pk=task.pk).status == "paused"
+    client.post("/admin/tasks_app/agenttask/", {"action": "cancel_tasks", "_selected_action": [str(task.pk)]})
+    assert AgentTask.objects.get(pk=task.pk).status == "cancelled"
