@@ -40,8 +40,12 @@ SHOULD_ORCHESTRATE = {
 }
 
 
-def decompose_schema(max_steps: int) -> dict[str, Any]:
-    """The decompose_goal schema: at most ``max_steps`` steps."""
+def decompose_schema(max_steps: int, tool_names: list[str] | None = None) -> dict[str, Any]:
+    """The decompose_goal schema: at most ``max_steps`` steps, ``tool`` one of ``tool_names`` (or
+    null; None: any name), so schema-constrained decoding cannot even name another tool."""
+    tool: dict[str, Any] = {"type": ["string", "null"], "maxLength": 64}
+    if tool_names is not None:
+        tool = {"enum": [*sorted(tool_names), None]} if tool_names else {"type": "null"}
     return {
         "type": "object",
         "properties": {
@@ -54,7 +58,7 @@ def decompose_schema(max_steps: int) -> dict[str, Any]:
                     "properties": {
                         "id": {"type": "string", "maxLength": 100},
                         "description": {"type": "string", "minLength": 1, "maxLength": 1000},
-                        "tool": {"type": ["string", "null"], "maxLength": 64},
+                        "tool": tool,
                         "arguments": {"type": ["object", "null"]},
                     },
                     "required": ["id", "description"],
@@ -225,17 +229,22 @@ def decompose_goal(
     """Plan ``goal`` with the granted ``tools`` (schema ``decompose_goal``); ``done``: the steps
     completed so far (a replan plans only the remaining work). Returns ``{"steps": [...],
     "estimated_duration_s": int}``. An unknown tool or refused arguments go back to the model
-    (at most REPAIR_ROUNDS times); then PlanError."""
+    (at most REPAIR_ROUNDS times), as does an answer the schema refuses; then PlanError."""
     messages = _plan_messages(goal, tools, done)
-    schema = decompose_schema(max_steps)
+    schema = decompose_schema(max_steps, sorted(tools))
     calls = []
     for _round in range(REPAIR_ROUNDS + 1):
-        result = _ask(tenant_id, messages, schema, "decompose_goal", **kw)
-        calls.append(result)
         try:
+            result = _ask(tenant_id, messages, schema, "decompose_goal", **kw)
+            calls.append(result)
             steps = check_plan(result.parsed, tools)
-        except ToolError as exc:
-            problem = str(exc)
+        except (ToolError, llm.LLMSchemaError) as exc:
+            if isinstance(exc, llm.LLMSchemaError):
+                if exc.result is None:
+                    raise
+                result = exc.result
+                calls.append(result)
+            problem = getattr(exc, "message", None) or str(exc)
             messages = [
                 *messages,
                 {"role": "assistant", "content": result.content},

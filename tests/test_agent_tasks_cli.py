@@ -42,7 +42,7 @@ def test_run_task_progress_lines_and_exit_1_when_the_task_fails(scripted):  # no
 
     assert code == 1
     assert "decompose" in out and "failed" in out
-    assert "not a granted tool" in out and "after 2 repair rounds" in out
+    assert "is not one of ['count_rows', None]" in out and "after 2 repair rounds" in out
     assert len(scripted.calls("decompose_goal")) == 3  # a permanent failure: not retried
 
 
