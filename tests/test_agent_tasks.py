@@ -325,3 +325,23 @@ def chain_template_default(db):
     from tests.conftest import CHAIN_YAML
 
     return save_template(load_spec(CHAIN_YAML, source="chain.yaml"), CHAIN_YAML, tenant_id="default").template
+
+
+def test_a_bad_continuation_fails_the_attempt_permanently_and_appends_nothing(db):
+    # given a run whose step appends a step with a taken id and one with an unknown type
+    from agents.registry import StepContinuation
+    from runs import engine
+    from runs.engine import append
+
+    run = engine.start_run({"key": "k", "steps": [{"id": "a", "type": "noop"}]}, {})
+    taken = StepContinuation(output=None, steps=[{"id": "a", "type": "noop"}])
+    unknown = StepContinuation(output=None, steps=[{"id": "b", "type": "nope"}])
+    dangling = StepContinuation(output=None, steps=[{"id": "c", "type": "noop", "depends_on": ["zz"]}])
+
+    # then each is refused with one line naming the step
+    with pytest.raises(ValueError, match="appended step 'a' already exists in the run"):
+        append.check(run.pk, taken)
+    with pytest.raises(ValueError, match="appended step 'b': unknown step type 'nope'"):
+        append.check(run.pk, unknown)
+    with pytest.raises(ValueError, match="depends_on 'zz' is not an earlier appended step"):
+        append.check(run.pk, dangling)
