@@ -345,3 +345,28 @@ def test_a_bad_continuation_fails_the_attempt_permanently_and_appends_nothing(db
         append.check(run.pk, unknown)
     with pytest.raises(ValueError, match="depends_on 'zz' is not an earlier appended step"):
         append.check(run.pk, dangling)
+
+
+def test_resume_after_a_failure_restores_the_latest_checkpoint_and_repeats_no_completed_step(scripted, agent_server):
+    # given a task whose last tool call is refused (a permanent 400) once
+    scripted.script(PLAN, schema="decompose_goal")
+    scripted.script(verdict(33), verdict(66), verdict(100, "finish", True), schema="evaluate_progress")
+    agent_server.program("/tools/store_report", [400])
+
+    task = services.start_task("default", "Summarize", ["fetch_issues", "store_report"], checkpoint_interval=1)
+    task = wait_for_task(task.pk)
+    assert task.status == "failed" and "step_3" in task.error
+    assert [c["after_step"] for c in task.checkpoints] == [1, 2]
+
+    # when it is resumed (the endpoint answers again)
+    services.resume(task)
+    task = wait_for_task(task.pk)
+
+    # then it completed from checkpoint 2: only the failed step ran again
+    assert task.status == "completed", task.error
+    assert task.retry_count == 1 and task.progress == 100
+    assert len(tool_calls(agent_server, "fetch_issues")) == 1
+    assert len(tool_calls(agent_server, "store_report")) == 2  # the refused call, then the one that worked
+    assert Trace.objects.filter(run_id=task.run_id, message__contains="resumed from checkpoint 2").exists()
+    assert Step.objects.get(run_id=task.run_id, step_id="step_1").attempts == 1
+    assert len(scripted.calls("decompose_goal")) == 1
