@@ -266,8 +266,9 @@ def resume(task: AgentTask) -> AgentTask:
 
 
 def cancel(task: AgentTask, reason: str = "cancelled by user") -> AgentTask:
-    """Cancel an active task and its run (``runs.engine.cancel_run``: the step in flight is cancelled,
-    its late completion refused). Raises TaskStateError when it already ended."""
+    """Cancel an active task, its run and the child runs of its tool calls (``runs.engine.cancel_run``:
+    the step in flight is cancelled, its late completion refused). Raises TaskStateError when it
+    already ended."""
     from runs import engine
 
     task = sync(task)
@@ -279,6 +280,15 @@ def cancel(task: AgentTask, reason: str = "cancelled by user") -> AgentTask:
         locked.save(update_fields=["status", "finished_at", "error", "updated_at"])
         if locked.run_id:
             engine.cancel_run(locked.run_id, reason)
+        # child runs its tool calls started (templates) stop with it
+        children = Run.objects.filter(
+            tenant_id=locked.tenant_id,
+            correlation_id=str(locked.pk),
+            metadata__agent_task=str(locked.pk),
+            status__in=[RunStatus.PENDING, RunStatus.RUNNING],
+        ).values_list("pk", flat=True)
+        for child in list(children):
+            engine.cancel_run(child, f"{reason} (its agent task {locked.pk})")
     return locked
 
 

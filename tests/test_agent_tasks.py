@@ -370,3 +370,28 @@ def test_resume_after_a_failure_restores_the_latest_checkpoint_and_repeats_no_co
     assert Trace.objects.filter(run_id=task.run_id, message__contains="resumed from checkpoint 2").exists()
     assert Step.objects.get(run_id=task.run_id, step_id="step_1").attempts == 1
     assert len(scripted.calls("decompose_goal")) == 1
+
+
+def test_cancelling_a_task_cancels_the_child_run_of_its_tool_call(scripted, chain_template_default):
+    from runs.models import Run
+    from templates_app.services import save_template
+    from templates_app.spec import load_spec
+
+    slow = "key: slow\nsteps:\n  - {id: nap, type: sleep, params: {seconds: 30}}\n"
+    save_template(load_spec(slow, source="slow.yaml"), slow, tenant_id="default")
+    plan = {
+        "steps": [{"id": "nap", "description": "Wait", "tool": "slow", "arguments": {}}],
+        "estimated_duration_s": 30,
+    }
+    scripted.script(plan, schema="decompose_goal")
+
+    task = services.start_task("default", "Wait a while", ["slow"])
+    deadline = time.time() + 30
+    while not Run.objects.filter(idempotency_key=f"{task.pk}:step_1").exists():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    services.cancel(AgentTask.objects.get(pk=task.pk))
+
+    child = Run.objects.get(idempotency_key=f"{task.pk}:step_1")
+    assert child.status == "cancelled" and "agent task" in child.error
+    assert AgentTask.objects.get(pk=task.pk).run.status == "cancelled"
