@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "StepContext",
+    "StepContinuation",
     "StepDeferred",
     "StepError",
     "StepHandler",
@@ -112,6 +113,30 @@ class StepDeferred(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seconds={self.seconds!r}, reason={self.reason!r})"
+
+
+@dataclass
+class StepContinuation:
+    """A handler's output that also appends steps to its run (Temporal-style: the workflow grows as
+    it runs). Returned by a handler instead of a plain output; used by agent tasks (``tasks_app``).
+
+    The engine records ``output`` as the step's output and, in the SAME transaction that records
+    the success (the run row locked first), inserts ``steps`` as new top-level step rows of the run,
+    calls ``on_success()`` and queues the new steps, so the run cannot finish in between and a
+    retried attempt never appends twice (runs/engine/append.py).
+
+    Attributes:
+        output: the step's output (JSON-serializable).
+        steps: step specs to append: ``{"id", "type", "params", "depends_on"?, "retry"?, "timeout"?}``;
+            ids must be new in the run; ``depends_on`` may name only other appended steps.
+        on_success: called with no arguments inside the completion's transaction, after the
+            step's success was recorded (not called when the completion is refused: the lease
+            was taken over). It may write rows of its own app; it must not do slow I/O.
+    """
+
+    output: Any
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    on_success: Callable[[], None] | None = field(default=None, repr=False)
 
 
 def _no_trace(kind: str, message: str, data: dict[str, Any] | None = None) -> None:

@@ -78,6 +78,17 @@ class Conf:
     llm_breaker_cooldown: float
     llm_budget_hold_seconds: float
     llm_budget_recheck: float
+    # agent tasks (tasks_app)
+    task_max_steps: int
+    task_max_steps_cap: int
+    task_context_window_limit: int
+    task_checkpoint_interval: int
+    task_max_goal_chars: int
+    task_max_tools: int
+    task_max_tokens: int
+    task_plan_wait: float
+    task_child_recheck: float
+    task_pause_recheck: float
     # operations
     schedule_misfire_grace: int
     ping_timeout: float

@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "runs",
     "scheduler",
     "agents",
+    "tasks_app",
 ]
 
 MIDDLEWARE = [
@@ -536,6 +537,26 @@ ORCHESTRATOR_LLM_BREAKER_COOLDOWN = env_float("ORCHESTRATOR_LLM_BREAKER_COOLDOWN
 ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS = env_float("ORCHESTRATOR_LLM_BUDGET_HOLD_SECONDS", 900.0)
 #: Seconds a `wait` budget waits when only calls in flight (not spent tokens) fill it.
 ORCHESTRATOR_LLM_BUDGET_RECHECK = env_float("ORCHESTRATOR_LLM_BUDGET_RECHECK", 5.0)
+
+# --- Agent tasks (seed 003, tasks_app): deployment defaults; each task may set its own --------------
+#: Planned steps a task may execute at most (seed 003's maxSteps), and the largest value a caller may ask.
+ORCHESTRATOR_TASK_MAX_STEPS = env_int("ORCHESTRATOR_TASK_MAX_STEPS", 50)
+ORCHESTRATOR_TASK_MAX_STEPS_CAP = env_int("ORCHESTRATOR_TASK_MAX_STEPS_CAP", 200)
+#: Tokens of context (estimated, 4 characters a token) past which it is summarized (contextWindowLimit).
+ORCHESTRATOR_TASK_CONTEXT_WINDOW_LIMIT = env_int("ORCHESTRATOR_TASK_CONTEXT_WINDOW_LIMIT", 100_000)
+#: Steps between checkpoints (checkpointInterval).
+ORCHESTRATOR_TASK_CHECKPOINT_INTERVAL = env_int("ORCHESTRATOR_TASK_CHECKPOINT_INTERVAL", 5)
+#: Characters of a goal at most; tools one task may be granted at most.
+ORCHESTRATOR_TASK_MAX_GOAL_CHARS = env_int("ORCHESTRATOR_TASK_MAX_GOAL_CHARS", 4000)
+ORCHESTRATOR_TASK_MAX_TOOLS = env_int("ORCHESTRATOR_TASK_MAX_TOOLS", 20)
+#: max_tokens of each LLM call of a task (reserved on the tenant's token budgets).
+ORCHESTRATOR_TASK_MAX_TOKENS = env_int("ORCHESTRATOR_TASK_MAX_TOKENS", 1024)
+#: Seconds POST /chat/orchestrate waits for the decomposition before answering without it.
+ORCHESTRATOR_TASK_PLAN_WAIT = env_float("ORCHESTRATOR_TASK_PLAN_WAIT", 10.0)
+#: Seconds between re-checks of a tool's child run (its finish wakes the step at once anyway),
+#: and of a paused task (resume wakes it at once).
+ORCHESTRATOR_TASK_CHILD_RECHECK = env_float("ORCHESTRATOR_TASK_CHILD_RECHECK", 10.0)
+ORCHESTRATOR_TASK_PAUSE_RECHECK = env_float("ORCHESTRATOR_TASK_PAUSE_RECHECK", 300.0)
 
 # --- Documented settings read from the environment (issue 8 section 4) ------------------------------
 #: Where seed 002 `data` tasks without url/call are POSTed.

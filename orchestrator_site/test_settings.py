@@ -22,6 +22,9 @@ os.environ.setdefault("ORCHESTRATOR_HTTP_ALLOW_HOSTS", "127.0.0.1,localhost")
 # test-only key (tests/flow_support.FERNET_KEY).
 os.environ.setdefault("ORCHESTRATOR_FERNET_KEYS", "peUzMMa49ouYSTHc-2pSNjsRwsGBomITwILqQw_4jec=")
 
+# POST /chat/orchestrate answers at once (tests that want the strategy in the answer wait longer).
+os.environ.setdefault("ORCHESTRATOR_TASK_PLAN_WAIT", "0")
+
 from .settings import *  # noqa: E402,F403
 
 # Sessions running side by side (e.g. two checkouts) can each take their own test database.

@@ -44,6 +44,8 @@ urlpatterns = [
     path("api/v1/", include("agents.api")),
     # workflow generation from plain language (templates_app: issue 8 section 3)
     path("api/v1/", include("templates_app.api")),
+    # agent tasks (seed 003): /chat, /chat/orchestrate (tasks_app)
+    path("api/v1/", include("tasks_app.api")),
     # anything else under /api/ is a JSON 404, never Django's HTML page
     re_path(r"^api/(?P<path>.*)$", api_errors.api_not_found, name="api-not-found"),
     re_path(r"^health/?$", health.health, name="health"),

@@ -74,6 +74,15 @@ SKIPPED: list[tuple[str, str]] = [
     ),
     (r"^iptables ", "changes the machine's firewall (advice for workers that grant exec steps a network)"),
     (
+        r"^python manage\.py run_task ",
+        "needs an LLM provider and agent endpoints (the README shows a run against the scripted server): "
+        "tests/test_agent_tasks_cli.py runs run_task, also in the embedded default",
+    ),
+    (
+        r"\$B/chat",
+        "needs an LLM provider and a task id: tests/test_agent_tasks_api.py calls every /chat endpoint",
+    ),
+    (
         r"^export (DATABASE_URL|CELERY_BROKER_URL|ORCHESTRATOR_DATA_DIR)=",
         "points the production section's commands at its servers (those commands are skipped, see above)",
     ),

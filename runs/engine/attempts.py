@@ -16,7 +16,7 @@ from orchestrator_site.conf import conf
 
 from ..choices import RUN_TERMINAL, AttemptOutcome, StepStatus, TraceKind
 from ..models import Run, Step, Trace
-from . import broker, cascade, gate, lifecycle, sql, state
+from . import append, broker, cascade, gate, lifecycle, sql, state
 
 
 def backoff_delay(retry: dict[str, Any], attempt: int, rng: Any = None) -> float:
@@ -124,9 +124,12 @@ def complete(
     resolved: Any,
     duration_ms: int,
     follow: tuple[str, str] | None = None,
+    continuation: Any = None,
 ) -> tuple[str, state.Claim | None]:
     """Record a successful attempt and propagate it; with ``follow`` = (worker, task id), also
-    claim one newly ready dependent to run inline (``claim_inline``). Returns (outcome, claim)."""
+    claim one newly ready dependent to run inline (``claim_inline``). With ``continuation`` (an
+    ``agents.registry.StepContinuation``), its steps are appended to the run in the same
+    transaction (``append.continue_run``). Returns (outcome, claim)."""
     with transaction.atomic():
         # the run's lock, then the step and attempt rows, in one round trip
         if not state.close_success(step, token, output=output, resolved=resolved, duration_ms=duration_ms):
@@ -139,6 +142,8 @@ def complete(
             step_pk=step.pk,
             attempt=step.attempts,
         )
+        if continuation is not None:  # before the cascade: the run must not look finished
+            append.continue_run(step, continuation, batch)
         cascade.Cascade(step.run, batch).finished([step])
         lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
         # a fresh time: the decrement may have waited for another completion of a shared

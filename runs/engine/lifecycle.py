@@ -30,14 +30,16 @@ def start_run(
     correlation_id: str = "",
     idempotency_key: str | None = None,
     priority: int = 5,
+    metadata: dict[str, Any] | None = None,
 ) -> Run:
     """Create a run with one row per step and queue its root steps (after commit).
 
     ``spec`` is a normalized spec (docs/spec-contract.md); ``inputs`` raw variable values (CLI
     strings are coerced). With an ``idempotency_key`` already used in the tenant, the existing run
-    is returned and nothing is created. A run over a concurrent-run limit is created ``pending``
-    and started later (``activate_run``). Raises ``WorkflowError`` (one line) on bad inputs;
-    nothing is saved then.
+    is returned and nothing is created. ``metadata``: caller data kept on the run (``parent_step``:
+    the step a finished run wakes, see ``state.wake_parent_on_commit``). A run over a
+    concurrent-run limit is created ``pending`` and started later (``activate_run``). Raises
+    ``WorkflowError`` (one line) on bad inputs; nothing is saved then.
     """
     from templates_app.spec import validate_inputs
 
@@ -79,6 +81,7 @@ def start_run(
                     "idempotency_key": idempotency_key or None,
                     "priority": priority,
                     "trigger": trigger,
+                    "metadata": metadata or {},
                     "steps_total": len(spec["steps"]),
                     "started_at": at,
                     "deadline": at + timedelta(seconds=run_timeout) if run_timeout else None,
@@ -180,6 +183,7 @@ def _stop_run(run_id: Any, status: str, reason: str) -> bool:
         batch.trace(run_id, TraceKind.STATE, f"run {status}: {reason}")
         batch.flush()
         cascade.count_finished_run(status, run.started_at, at)
+        state.wake_parent_on_commit(run_id)  # an agent task's tool call waiting for this run
         wake_on_commit(gate.run_stopped(run_id))  # concurrency slots, rate-limit lines, run slot
         transaction.on_commit(lambda: cascade.admit_waiting_runs(run.tenant_id))
     return True

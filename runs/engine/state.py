@@ -112,6 +112,34 @@ def create_run(fields: dict[str, Any], step_rows: list[dict[str, Any]]) -> tuple
     return run, steps
 
 
+def append_steps(run_id: Any, step_rows: list[dict[str, Any]]) -> list[Step]:
+    """Insert step rows (``pending``) into a running run and count them in ``steps_total``.
+
+    The caller holds the run's lock (a completion's transaction: runs/engine/append.py).
+    ``step_rows`` as in :func:`create_run`. Returns the new steps in order, primary keys set.
+    """
+    steps = [Step(run_id=run_id, **row) for row in step_rows]
+    Step.objects.bulk_create(steps)
+    if any(s.pk is None for s in steps):
+        by_id = {
+            s.step_id: s for s in Step.objects.filter(run_id=run_id, step_id__in=[r["step_id"] for r in step_rows])
+        }
+        steps = [by_id[r["step_id"]] for r in step_rows]
+    Run.objects.filter(pk=run_id).update(steps_total=F("steps_total") + len(steps))
+    return steps
+
+
+def wake_parent_on_commit(run_id: Any) -> None:
+    """A run that finished wakes the step waiting for it, if any (``Run.metadata["parent_step"]``:
+    an agent task's tool call started it as a child run), after commit. The waiting step is in
+    ``retry_wait`` (StepDeferred); one still running finds nothing to wake and re-checks later."""
+    parent = Run.objects.filter(pk=run_id).values_list("metadata__parent_step", flat=True).first()
+    if isinstance(parent, int):
+        from .broker import enqueue_steps
+
+        transaction.on_commit(lambda: enqueue_steps(make_due([parent])))
+
+
 def hold_pending(run: Run) -> None:
     """A run over a concurrent-run limit waits ``pending`` (not started, no deadline yet)."""
     Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(

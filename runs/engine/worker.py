@@ -21,7 +21,7 @@ from templates_app.errors import ExpressionError, WorkflowError
 from .. import metrics
 from ..choices import AttemptOutcome, TraceKind
 from ..models import Attempt, Run, Step, Trace
-from . import attempts, broker, cascade, sql, state, sweeper
+from . import append, attempts, broker, cascade, sql, state, sweeper
 from .context import build_context
 
 log = logging.getLogger("orchestrator.engine")
@@ -93,7 +93,14 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
     Returns (outcome, the dependent claimed inline to run next or None); ``follow`` False: claim
     none (every ready dependent is sent as a message).
     """
-    from agents.registry import StepContext, StepDeferred, StepError, get_handler, run_with_timeout
+    from agents.registry import (
+        StepContext,
+        StepContinuation,
+        StepDeferred,
+        StepError,
+        get_handler,
+        run_with_timeout,
+    )
 
     step, run, token, at = claim.step, claim.run, claim.token, claim.now
     if step.parent_id is None and step.spec.get("for_each") is not None and claim.gate_error is None:
@@ -104,6 +111,7 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
     error: StepError | None = None
     deferred: StepDeferred | None = None
     resolved: Any = None
+    continuation: StepContinuation | None = None
     try:
         from templates_app.expressions import limits, render
 
@@ -130,7 +138,14 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
             trace=_handler_tracer(run.pk, step.pk, step.attempts),
             deadline=started + timeout,
         )
-        output = state.json_safe(run_with_timeout(handler, ctx))
+        output = run_with_timeout(handler, ctx)
+        if isinstance(output, StepContinuation):  # the handler appends steps (runs/engine/append.py)
+            continuation, output = output, output.output
+            try:
+                append.check(run.pk, continuation)
+            except ValueError as exc:
+                raise StepError(f"step '{step.step_id}': {exc}", permanent=True) from None
+        output = state.json_safe(output)
     except (ExpressionError, WorkflowError) as exc:
         error = StepError(str(exc), permanent=True)
     except StepDeferred as exc:
@@ -155,6 +170,7 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
                 resolved=resolved,
                 duration_ms=duration_ms,
                 follow=(worker, task_id) if follow else None,
+                continuation=continuation,
             ),
         )
     else:
