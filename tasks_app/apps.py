@@ -9,4 +9,9 @@ class TasksConfig(AppConfig):
     verbose_name = "Agent tasks"
 
     def ready(self) -> None:
+        from runs.signals import run_finished
+
         from . import handler  # noqa: F401 - registers the ``agent`` step type
+        from .services import run_finished_receiver
+
+        run_finished.connect(run_finished_receiver, dispatch_uid="tasks_app.run_finished")

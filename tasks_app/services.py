@@ -127,7 +127,13 @@ def start_task(
                 "steps": [step_spec(task, "decompose", 0)],
             }
             run = engine.start_run(
-                spec, {}, trigger=trigger, tenant_id=tenant_id, user_id=user_id, correlation_id=str(task.pk)
+                spec,
+                {},
+                trigger=trigger,
+                tenant_id=tenant_id,
+                user_id=user_id,
+                correlation_id=str(task.pk),
+                metadata={"agent_task": str(task.pk), "task_run": True},
             )
             task.run = run
             task.status = TaskStatus.RUNNING
@@ -166,6 +172,17 @@ def sync(task: AgentTask) -> AgentTask:
     AgentTask.objects.filter(pk=task.pk, status__in=TASK_ACTIVE).update(**changes, updated_at=timezone.now())
     task.refresh_from_db()
     return task
+
+
+def run_finished_receiver(sender: Any, *, run_id: Any, status: str, metadata: dict[str, Any], **kwargs: Any) -> None:
+    """``runs.signals.run_finished``: the run that executes a task ended, so the task ends with it
+    (completed, failed or cancelled, with the run's error) at once, not when someone next reads
+    it. Child runs of tool calls (``parent_step`` in their metadata) are the tool step's business."""
+    if not metadata.get("task_run"):
+        return
+    task = AgentTask.objects.filter(run_id=run_id).first()
+    if task is not None:
+        sync(task)
 
 
 def pause(task: AgentTask) -> AgentTask:

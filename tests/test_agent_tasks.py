@@ -395,3 +395,26 @@ def test_cancelling_a_task_cancels_the_child_run_of_its_tool_call(scripted, chai
     child = Run.objects.get(idempotency_key=f"{task.pk}:step_1")
     assert child.status == "cancelled" and "agent task" in child.error
     assert AgentTask.objects.get(pk=task.pk).run.status == "cancelled"
+
+
+def test_a_task_ends_with_its_run_even_when_nobody_reads_it(scripted, chain_template_default):
+    """The run's end (here an operator's cancel of the run itself, in the engine) ends the task at
+    once through runs.signals.run_finished, not when the API or the CLI next reads the task."""
+    from runs import engine
+    from templates_app.services import save_template
+    from templates_app.spec import load_spec
+
+    slow = "key: slow\nsteps:\n  - {id: nap, type: sleep, params: {seconds: 30}}\n"
+    save_template(load_spec(slow, source="slow.yaml"), slow, tenant_id="default")
+    scripted.script(
+        {"steps": [{"id": "nap", "description": "Wait", "tool": "slow", "arguments": {}}], "estimated_duration_s": 30},
+        schema="decompose_goal",
+    )
+    task = services.start_task("default", "Wait a while", ["slow"])
+    deadline = time.time() + 30
+    while not AgentTask.objects.get(pk=task.pk).run.steps.filter(step_id="step_1").exists():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert engine.cancel_run(task.run_id, "stopped by an operator")
+    row = AgentTask.objects.get(pk=task.pk)  # read straight from the table: no sync() on the way
+    assert row.status == "cancelled" and "stopped by an operator" in row.error

@@ -37,7 +37,7 @@ def start_run(
     ``spec`` is a normalized spec (docs/spec-contract.md); ``inputs`` raw variable values (CLI
     strings are coerced). With an ``idempotency_key`` already used in the tenant, the existing run
     is returned and nothing is created. ``metadata``: caller data kept on the run (``parent_step``:
-    the step a finished run wakes, see ``state.wake_parent_on_commit``). A run over a
+    the step a finished run wakes; ``agent_task``: see ``state.run_finished_on_commit``). A run over a
     concurrent-run limit is created ``pending`` and started later (``activate_run``). Raises
     ``WorkflowError`` (one line) on bad inputs; nothing is saved then.
     """
@@ -183,7 +183,7 @@ def _stop_run(run_id: Any, status: str, reason: str) -> bool:
         batch.trace(run_id, TraceKind.STATE, f"run {status}: {reason}")
         batch.flush()
         cascade.count_finished_run(status, run.started_at, at)
-        state.wake_parent_on_commit(run_id)  # an agent task's tool call waiting for this run
+        state.run_finished_on_commit(run_id, status)  # a step waiting for it, runs.signals.run_finished
         wake_on_commit(gate.run_stopped(run_id))  # concurrency slots, rate-limit lines, run slot
         transaction.on_commit(lambda: cascade.admit_waiting_runs(run.tenant_id))
     return True

@@ -129,15 +129,32 @@ def append_steps(run_id: Any, step_rows: list[dict[str, Any]]) -> list[Step]:
     return steps
 
 
-def wake_parent_on_commit(run_id: Any) -> None:
-    """A run that finished wakes the step waiting for it, if any (``Run.metadata["parent_step"]``:
-    an agent task's tool call started it as a child run), after commit. The waiting step is in
+def run_finished_on_commit(run_id: Any, status: str) -> None:
+    """After the commit that ended a run: wake the step waiting for it, if any
+    (``Run.metadata["parent_step"]``: an agent task's tool call started it as a child run), and send
+    ``runs.signals.run_finished`` when the run carries metadata. The waiting step is in
     ``retry_wait`` (StepDeferred); one still running finds nothing to wake and re-checks later."""
-    parent = Run.objects.filter(pk=run_id).values_list("metadata__parent_step", flat=True).first()
+    metadata = Run.objects.filter(pk=run_id).values_list("metadata", flat=True).first()
+    if not metadata:
+        return
+    parent = metadata.get("parent_step")
     if isinstance(parent, int):
         from .broker import enqueue_steps
 
         transaction.on_commit(lambda: enqueue_steps(make_due([parent])))
+
+    def notify() -> None:
+        import logging
+
+        from ..signals import run_finished
+
+        for receiver, result in run_finished.send_robust(Run, run_id=run_id, status=status, metadata=metadata):
+            if isinstance(result, Exception):
+                logging.getLogger("orchestrator.engine").error(
+                    "run_finished receiver %s failed for run %s: %s", receiver, run_id, result
+                )
+
+    transaction.on_commit(notify)
 
 
 def hold_pending(run: Run) -> None:
