@@ -22,6 +22,9 @@ os.environ.setdefault("ORCHESTRATOR_HTTP_ALLOW_HOSTS", "127.0.0.1,localhost")
 # test-only key (tests/flow_support.FERNET_KEY).
 os.environ.setdefault("ORCHESTRATOR_FERNET_KEYS", "peUzMMa49ouYSTHc-2pSNjsRwsGBomITwILqQw_4jec=")
 
+# Event streams of runs no worker runs (the schema fuzzers find such runs) end after 5 s, not an hour.
+os.environ.setdefault("ORCHESTRATOR_SSE_MAX_SECONDS", "5")
+
 from .settings import *  # noqa: E402,F403
 
 # Sessions running side by side (e.g. two checkouts) can each take their own test database.
