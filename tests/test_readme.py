@@ -74,6 +74,14 @@ SKIPPED: list[tuple[str, str]] = [
     ),
     (r"^iptables ", "changes the machine's firewall (advice for workers that grant exec steps a network)"),
     (
+        r"^python manage\.py listen_requests ",
+        "a long-running process: tests/test_listen_requests.py runs it (pub/sub and --stream) as a subprocess",
+    ),
+    (
+        r"^redis-cli (PUBLISH|SUBSCRIBE|XADD|XRANGE) workflow-",
+        "the machine's shared Redis channels: tests/test_listen_requests.py publishes on channels of its own",
+    ),
+    (
         r"^export (DATABASE_URL|CELERY_BROKER_URL|ORCHESTRATOR_DATA_DIR)=",
         "points the production section's commands at its servers (those commands are skipped, see above)",
     ),
