@@ -285,12 +285,20 @@ class Stopper:
 def serve_pubsub(client: Any, handler: RequestHandler, *, channel: str, poll: float, stopper: Stopper) -> None:
     """SUBSCRIBE ``channel`` and handle messages until ``stopper`` is set; between messages, at
     most every ``poll`` seconds, send the responses of finished runs."""
+    import redis
+
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel)
     next_check = 0.0
     try:
         while not stopper.stopped:
-            message = pubsub.get_message(timeout=poll)
+            try:
+                # redis-py reconnects and subscribes again on the next read after a lost connection
+                message = pubsub.get_message(timeout=poll)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.error("redis unreachable, retrying in 1 s: %s", type(exc).__name__)
+                time.sleep(1.0)
+                continue
             if message is not None and message.get("type") == "message":
                 _guarded(handler, message["data"])
             if time.monotonic() >= next_check:
@@ -328,32 +336,55 @@ def serve_stream(
     sent); an entry whose handling hit an unexpected error (database down) stays pending and comes
     back through XAUTOCLAIM after ``claim_idle`` seconds.
     """
+    import redis
+
     ensure_group(client, stream, group)
     next_claim = 0.0
     next_check = 0.0
     while not stopper.stopped:
-        entries: list[tuple[Any, dict[Any, Any]]] = []
-        if time.monotonic() >= next_claim:
-            # entries left unacknowledged by a dead consumer (or by this one, after an error)
-            _next, claimed, *_deleted = client.xautoclaim(
-                stream, group, consumer, min_idle_time=int(claim_idle * 1000), start_id="0-0", count=100
-            )
-            entries.extend(claimed)
-            next_claim = time.monotonic() + max(claim_idle / 2, poll)
-        if not entries:
-            answer = client.xreadgroup(group, consumer, {stream: ">"}, count=20, block=max(1, int(poll * 1000)))
-            for _name, items in answer or []:
-                entries.extend(items)
-        for entry_id, fields in entries:
-            if stopper.stopped:
-                break  # unacknowledged: another consumer (or this one, restarted) claims it
-            if fields is None:
-                continue  # deleted from the stream meanwhile
-            if _guarded(handler, _stream_message(fields)):
-                client.xack(stream, group, entry_id)
+        try:
+            next_claim = _stream_round(client, handler, stream, group, consumer, poll, claim_idle, stopper, next_claim)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.error("redis unreachable, retrying in 1 s: %s", type(exc).__name__)
+            time.sleep(1.0)
+            continue
         if time.monotonic() >= next_check:
             _respond_guarded(handler)
             next_check = time.monotonic() + poll
+
+
+def _stream_round(
+    client: Any,
+    handler: RequestHandler,
+    stream: str,
+    group: str,
+    consumer: str,
+    poll: float,
+    claim_idle: float,
+    stopper: Stopper,
+    next_claim: float,
+) -> float:
+    """One read of the stream (claimed entries first); returns when to claim next."""
+    entries: list[tuple[Any, dict[Any, Any]]] = []
+    if time.monotonic() >= next_claim:
+        # entries left unacknowledged by a dead consumer (or by this one, after an error)
+        _next, claimed, *_deleted = client.xautoclaim(
+            stream, group, consumer, min_idle_time=int(claim_idle * 1000), start_id="0-0", count=100
+        )
+        entries.extend(claimed)
+        next_claim = time.monotonic() + max(claim_idle / 2, poll)
+    if not entries:
+        answer = client.xreadgroup(group, consumer, {stream: ">"}, count=20, block=max(1, int(poll * 1000)))
+        for _name, items in answer or []:
+            entries.extend(items)
+    for entry_id, fields in entries:
+        if stopper.stopped:
+            break  # unacknowledged: another consumer (or this one, restarted) claims it
+        if fields is None:
+            continue  # deleted from the stream meanwhile
+        if _guarded(handler, _stream_message(fields)):
+            client.xack(stream, group, entry_id)
+    return next_claim
 
 
 def _stream_message(fields: dict[Any, Any]) -> bytes | dict[str, str]:
