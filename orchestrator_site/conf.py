@@ -95,6 +95,20 @@ class Conf:
     metrics_root: str
     metrics_token: str
     metrics_tenant_label: bool
+    # live progress (SSE) and seed 002's Redis request channel
+    sse_max_seconds: float
+    sse_poll: float
+    sse_heartbeat: float
+    requests_redis_url: str
+    requests_channel: str
+    responses_channel: str
+    requests_tenant: str
+    requests_max_bytes: int
+    requests_max_variables_bytes: int
+    requests_group: str
+    requests_claim_idle: float
+    responses_maxlen: int
+    requests_poll: float
 
     def __getattr__(self, name: str) -> Any:
         kind = type(self).__annotations__.get(name)

@@ -640,3 +640,33 @@ if CELERY_BROKER_URL.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp"):
     CELERY_BROKER_HEARTBEAT = env_int("ORCHESTRATOR_AMQP_HEARTBEAT", 60)
     #: Connections kept open per process for publishing.
     CELERY_BROKER_POOL_LIMIT = env_int("ORCHESTRATOR_AMQP_POOL_LIMIT", 10)
+
+# --- Live progress (Server-Sent Events) and seed 002's Redis request channel (issue 9) -------------
+#: Longest an event stream (`GET /api/v1/runs/{id}/events`) stays open, seconds; the client
+#: reconnects with Last-Event-ID and goes on where it stopped.
+ORCHESTRATOR_SSE_MAX_SECONDS = env_float("ORCHESTRATOR_SSE_MAX_SECONDS", 3600.0)
+#: Seconds between two reads of the watched rows (a few small queries each).
+ORCHESTRATOR_SSE_POLL = env_float("ORCHESTRATOR_SSE_POLL", 0.5)
+#: Seconds of silence after which a stream sends a comment line (keeps proxies from closing it).
+ORCHESTRATOR_SSE_HEARTBEAT = env_float("ORCHESTRATOR_SSE_HEARTBEAT", 15.0)
+#: Redis of `listen_requests`: default the cache's Redis, else the broker's when it is Redis.
+ORCHESTRATOR_REQUESTS_REDIS_URL = env_str(
+    "ORCHESTRATOR_REQUESTS_REDIS_URL",
+    ORCHESTRATOR_CACHE_URL if ORCHESTRATOR_CACHE_URL.startswith(("redis://", "rediss://", "unix://")) else "",
+)
+#: Pub/sub channel (or stream, with --stream) of seed 002's requests, and of its responses.
+ORCHESTRATOR_REQUESTS_CHANNEL = env_str("ORCHESTRATOR_REQUESTS_CHANNEL", "workflow-requests")
+ORCHESTRATOR_RESPONSES_CHANNEL = env_str("ORCHESTRATOR_RESPONSES_CHANNEL", "workflow-responses")
+#: The tenant requests start runs in (`listen_requests --tenant` overrides it).
+ORCHESTRATOR_REQUESTS_TENANT = env_str("ORCHESTRATOR_REQUESTS_TENANT", "default")
+#: Largest request message accepted, bytes; and largest `variables` object (as JSON), bytes.
+ORCHESTRATOR_REQUESTS_MAX_BYTES = env_int("ORCHESTRATOR_REQUESTS_MAX_BYTES", 1_000_000)
+ORCHESTRATOR_REQUESTS_MAX_VARIABLES_BYTES = env_int("ORCHESTRATOR_REQUESTS_MAX_VARIABLES_BYTES", 256_000)
+#: Stream mode: the consumer group, and seconds a delivered entry may stay unacknowledged before
+#: another consumer claims it (XAUTOCLAIM: its consumer is presumed dead).
+ORCHESTRATOR_REQUESTS_GROUP = env_str("ORCHESTRATOR_REQUESTS_GROUP", "orchestrator")
+ORCHESTRATOR_REQUESTS_CLAIM_IDLE = env_float("ORCHESTRATOR_REQUESTS_CLAIM_IDLE", 60.0)
+#: Stream mode: approximate length the responses stream is trimmed to (XADD MAXLEN ~).
+ORCHESTRATOR_RESPONSES_MAXLEN = env_int("ORCHESTRATOR_RESPONSES_MAXLEN", 100_000)
+#: Seconds between two reads of the status of the runs a listener waits for.
+ORCHESTRATOR_REQUESTS_POLL = env_float("ORCHESTRATOR_REQUESTS_POLL", 0.5)

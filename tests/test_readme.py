@@ -83,6 +83,14 @@ SKIPPED: list[tuple[str, str]] = [
         "needs an LLM provider and a task id: tests/test_agent_tasks_api.py calls every /chat endpoint",
     ),
     (
+        r"^python manage\.py listen_requests ",
+        "a long-running process: tests/test_listen_requests.py runs it (pub/sub and --stream) as a subprocess",
+    ),
+    (
+        r"^redis-cli (PUBLISH|SUBSCRIBE|XADD|XRANGE) workflow-",
+        "the machine's shared Redis channels: tests/test_listen_requests.py publishes on channels of its own",
+    ),
+    (
         r"^export (DATABASE_URL|CELERY_BROKER_URL|ORCHESTRATOR_DATA_DIR)=",
         "points the production section's commands at its servers (those commands are skipped, see above)",
     ),

@@ -6,11 +6,13 @@ Every view acts in the request's tenant (``X-Tenant`` or the caller's default, s
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
 from django.db.models import F, OuterRef, Subquery
 from django.db.models.fields.json import KT
+from django.http import StreamingHttpResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -22,6 +24,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import AuthenticationFailed, NotFound, ValidationError
 from rest_framework.generics import GenericAPIView, get_object_or_404
 from rest_framework.permissions import IsAuthenticated
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -32,6 +35,7 @@ from templates_app.services import save_template
 from templates_app.spec import load_spec
 
 from .. import services, tenancy
+from ..events import InvalidCursor, run_feed
 from ..models import Attempt, Run, Step, Trace
 from . import serializers as s
 from .filters import AttemptFilter, RunFilter, StepFilter, TraceFilter
@@ -59,6 +63,27 @@ ERRORS = {
     404: OpenApiResponse(s.ErrorSerializer, description="Not found in this tenant."),
 }
 READ_ERRORS = {k: v for k, v in ERRORS.items() if k != 400}
+LAST_EVENT_ID_PARAMETER = OpenApiParameter(
+    name="Last-Event-ID",
+    type=OpenApiTypes.STR,
+    location=OpenApiParameter.HEADER,
+    required=False,
+    description=(
+        "The `id` of the last event received (EventSource sends it when it reconnects): the stream "
+        "goes on from there, repeating nothing. An id this server did not make is ignored (the "
+        "stream starts over with the whole state, after a comment line saying why)."
+    ),
+)
+#: One event of the stream as OpenAPI 3.0 describes an event stream's `schema` (each event).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["step", "run", "end"]},
+        "id": {"type": "string", "description": "Cursor to send back as Last-Event-ID."},
+        "data": {"type": "string", "description": "JSON object (fields per event: see the description)."},
+    },
+    "required": ["event", "data"],
+}
 UUID_PATTERN = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
 
@@ -119,12 +144,22 @@ class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
 
     def get_queryset(self):
         queryset = self.scoped(Run.objects.all())
+        if self.action == "events":
+            return queryset.only("id", "tenant_id", "correlation_id")
         if self.action == "list":
             return queryset.defer("spec", "inputs", "outputs", "metadata")
         return queryset.defer("spec")
 
     def get_serializer_class(self):
         return s.RunDetailSerializer if self.action == "retrieve" else s.RunSerializer
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # The event stream is not rendered by DRF; what DRF answers instead of it (an error, the
+        # 204) is JSON whatever the Accept header says (an EventSource accepts only
+        # text/event-stream, which would otherwise be a 406).
+        if self.action == "events":
+            return JSONRenderer(), JSONRenderer.media_type
+        return super().perform_content_negotiation(request, force)
 
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         run = self.get_object()
@@ -243,6 +278,49 @@ class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
         run = self.get_object()
         new = services.rerun(run, user_id=request.user.get_username())
         return self._detail(Run.objects.defer("spec").get(pk=new.pk), status.HTTP_201_CREATED)
+
+    @extend_schema(
+        summary="Live progress of a run (Server-Sent Events)",
+        description=(
+            'A `text/event-stream` (WHATWG HTML, "Server-sent events"): first the current state, then '
+            "each change as it happens. `event: step` with `{step_id, index, type, status, attempts, "
+            "max_attempts, started_at, finished_at, error}` per top-level step change; `event: run` with "
+            "`{run_id, status, progress, done, total}` when the run's status or progress (per cent of its "
+            "step rows finished) changes; finally `event: end` with `{run_id, status, progress, outputs, "
+            "error, finished_at}`, and the stream closes. Every event has an `id`; reconnecting with it "
+            "as `Last-Event-ID` resumes without repeats, and once `end` was received the answer is 204 "
+            "(EventSource stops reconnecting). A `: heartbeat` comment comes after "
+            "ORCHESTRATOR_SSE_HEARTBEAT seconds of silence; the stream closes after "
+            "ORCHESTRATOR_SSE_MAX_SECONDS (reconnect to go on)."
+        ),
+        parameters=[TENANT_PARAMETER, LAST_EVENT_ID_PARAMETER],
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                SSE_EVENT_SCHEMA, description="The event stream (until `end` or the time cap)."
+            ),
+            204: OpenApiResponse(description="`Last-Event-ID` is the `end` event: nothing more will come."),
+        },
+    )
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: str | None = None) -> Any:
+        run = self.get_object()
+        logctx.bind(run_id=run.pk, correlation_id=run.correlation_id)
+        last_event_id, refused = request.headers.get("Last-Event-ID") or None, None
+        try:
+            feed = run_feed(run.pk, last_event_id=last_event_id)
+        except InvalidCursor as exc:
+            # The meaning of an id is the server's (WHATWG): one it did not make (another version,
+            # a hand-made header) restarts the stream from the whole state, saying why in-band.
+            feed, refused = run_feed(run.pk), str(exc)
+        if feed.finished():
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        frames = (
+            feed.frames() if refused is None else itertools.chain([f": {refused}; starting over\n\n"], feed.frames())
+        )
+        response = StreamingHttpResponse(frames, content_type="text/event-stream; charset=utf-8")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return response
 
 
 class RunChildView(BaseAPIView, GenericAPIView):
