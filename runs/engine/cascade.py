@@ -306,7 +306,7 @@ def maybe_finish_run(run: Run, batch: state.Batch) -> None:
             status, error = RunStatus.FAILED, state.one_line(f"outputs: {exc}")
     if state.finish_run(run.pk, status, outputs=outputs, error=error, at=at):
         count_finished_run(status, locked.started_at, at)
-        state.run_finished_on_commit(run.pk, status)  # a step waiting for it, runs.signals.run_finished
+        state.run_finished_on_commit(locked, status)  # a step waiting for it, runs.signals.run_finished
         if gate.runs_waiting(run.tenant_id):  # a run waiting for its run slot may start now
             tenant = run.tenant_id
             transaction.on_commit(lambda: admit_waiting_runs(tenant))

@@ -183,7 +183,7 @@ def _stop_run(run_id: Any, status: str, reason: str) -> bool:
         batch.trace(run_id, TraceKind.STATE, f"run {status}: {reason}")
         batch.flush()
         cascade.count_finished_run(status, run.started_at, at)
-        state.run_finished_on_commit(run_id, status)  # a step waiting for it, runs.signals.run_finished
+        state.run_finished_on_commit(run, status)  # a step waiting for it, runs.signals.run_finished
         wake_on_commit(gate.run_stopped(run_id))  # concurrency slots, rate-limit lines, run slot
         transaction.on_commit(lambda: cascade.admit_waiting_runs(run.tenant_id))
     return True

@@ -52,7 +52,7 @@ def lock_run(run_id: Any) -> Run | None:
     """Lock the run row (first lock of every status-writing transaction). None: it is gone."""
     return (
         Run.objects.select_for_update(no_key=True)
-        .only("id", "status", "tenant_id", "priority", "started_at", "deadline", "template_key", "inputs")
+        .only("id", "status", "tenant_id", "priority", "started_at", "deadline", "template_key", "inputs", "metadata")
         .filter(pk=run_id)
         .first()
     )
@@ -129,12 +129,12 @@ def append_steps(run_id: Any, step_rows: list[dict[str, Any]]) -> list[Step]:
     return steps
 
 
-def run_finished_on_commit(run_id: Any, status: str) -> None:
-    """After the commit that ended a run: wake the step waiting for it, if any
-    (``Run.metadata["parent_step"]``: an agent task's tool call started it as a child run), and send
-    ``runs.signals.run_finished`` when the run carries metadata. The waiting step is in
-    ``retry_wait`` (StepDeferred); one still running finds nothing to wake and re-checks later."""
-    metadata = Run.objects.filter(pk=run_id).values_list("metadata", flat=True).first()
+def run_finished_on_commit(run: Run, status: str) -> None:
+    """After the commit that ended ``run`` (as :func:`lock_run` read it): wake the step waiting for
+    it, if any (``Run.metadata["parent_step"]``: an agent task's tool call started it as a child
+    run), and send ``runs.signals.run_finished`` when the run carries metadata. The waiting step
+    is in ``retry_wait`` (StepDeferred); one still running finds nothing to wake and re-checks."""
+    run_id, metadata = run.pk, run.metadata
     if not metadata:
         return
     parent = metadata.get("parent_step")
