@@ -208,11 +208,14 @@ class StepHandler(abc.ABC):
         enforces_timeout: True when :meth:`run` bounds its own duration by ``ctx.timeout`` /
             ``ctx.deadline`` (socket timeouts, subprocess kill, bounded sleep, or it returns at
             once), so :func:`run_with_timeout` can call it in the calling thread.
+        internal: True for a type only the platform itself writes into a run (the ``agent`` steps
+            of an agent task): a workflow file (hand-written or generated) may not name it.
     """
 
     type_name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     enforces_timeout: ClassVar[bool] = False
+    internal: ClassVar[bool] = False
 
     def validate_params(self, params: dict[str, Any]) -> None:
         """Check ``params`` at load time; raise ValueError with a short message naming the field.
@@ -312,17 +315,21 @@ def _load() -> None:
         _loaded = True
 
 
-def canonical_type(name: str) -> str:
+def canonical_type(name: str, *, internal: bool = False) -> str:
     """The canonical step type for ``name`` (``ai`` -> ``llm``, ``data`` -> ``http``).
 
-    Matching ignores case and surrounding spaces. Raises KeyError for an unknown type.
+    Matching ignores case and surrounding spaces. ``internal`` False (workflow files): a type
+    marked ``internal`` is unknown. Raises KeyError for an unknown type.
     """
     _load()
     key = name.strip().lower() if isinstance(name, str) else name
     try:
-        return _aliases[key]
+        canonical = _aliases[key]
     except (KeyError, TypeError):
         raise KeyError(f"unknown step type {name!r}") from None
+    if not internal and _classes[canonical].internal:
+        raise KeyError(f"unknown step type {name!r}")
+    return canonical
 
 
 def get_handler(type_name: str) -> StepHandler:
@@ -330,7 +337,7 @@ def get_handler(type_name: str) -> StepHandler:
 
     Inside a dry run (:data:`dry_run` set) the stub it returns for the type, if any.
     """
-    canonical = canonical_type(type_name)
+    canonical = canonical_type(type_name, internal=True)
     stubs = dry_run.get()
     if stubs is not None:
         stub = stubs(canonical)
@@ -346,9 +353,9 @@ def get_handler(type_name: str) -> StepHandler:
 
 
 def handler_types() -> set[str]:
-    """The canonical step types registered (aliases not included)."""
+    """The canonical step types a workflow file may use (aliases and internal types not included)."""
     _load()
-    return set(_classes)
+    return {name for name, cls in _classes.items() if not cls.internal}
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class AgentTaskHandler(StepHandler):
     """Runs one step of an agent task; see the module docstring."""
 
     type_name = "agent"
+    internal = True  # written by tasks_app only: a workflow file may not name it
     enforces_timeout = True  # LLM calls get ctx.remaining(); the http handler bounds itself
 
     def validate_params(self, params: dict[str, Any]) -> None:
@@ -135,9 +136,10 @@ class AgentTaskHandler(StepHandler):
     def run(self, ctx: StepContext) -> Any:
         """Load the task (the run's tenant only), refuse a stale input, run the op."""
         p = ctx.params
-        task = AgentTask.objects.filter(pk=p.get("task"), tenant_id=ctx.tenant_id).first()
+        # the task this run executes, and no other (not another run's task, not another tenant's)
+        task = AgentTask.objects.filter(pk=p.get("task"), tenant_id=ctx.tenant_id, run_id=ctx.run_id).first()
         if task is None:
-            raise StepError(f"agent task {p.get('task')} not found in tenant {ctx.tenant_id!r}", permanent=True)
+            raise StepError(f"agent task {p.get('task')} is not the task of run {ctx.run_id}", permanent=True)
         if task.status == TaskStatus.PAUSED:
             raise StepDeferred(conf.task_pause_recheck, f"task {task.pk} is paused")
         if task.status in (TaskStatus.CANCELLED, TaskStatus.COMPLETED):

@@ -418,3 +418,13 @@ def test_a_task_ends_with_its_run_even_when_nobody_reads_it(scripted, chain_temp
     assert engine.cancel_run(task.run_id, "stopped by an operator")
     row = AgentTask.objects.get(pk=task.pk)  # read straight from the table: no sync() on the way
     assert row.status == "cancelled" and "stopped by an operator" in row.error
+
+
+def test_a_workflow_file_may_not_name_the_internal_agent_step_type(db):
+    """`agent` steps are written by tasks_app only: a file (hand-written or generated) naming the
+    type is refused at load, so no workflow can drive a task's bookkeeping."""
+    from templates_app.errors import WorkflowError
+    from templates_app.spec import load_spec
+
+    with pytest.raises(WorkflowError, match="unknown step type 'agent'"):
+        load_spec("key: sneaky\nsteps:\n  - {id: a, type: agent, params: {op: step}}\n", source="sneaky.yaml")

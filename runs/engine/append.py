@@ -50,7 +50,7 @@ def check(run_id: Any, continuation: Any) -> None:
         if unknown:
             raise ValueError(f"appended step '{step_id}': unknown key {sorted(unknown)[0]!r}")
         try:
-            canonical_type(spec.get("type", ""))
+            canonical_type(spec.get("type", ""), internal=True)
         except KeyError as exc:
             raise ValueError(f"appended step '{step_id}': {exc.args[0]}") from None
         for dep in spec.get("depends_on", []):
