@@ -33,7 +33,7 @@ from rest_framework.response import Response
 from orchestrator_site.conf import conf
 from runs.api.fields import StrictCharField
 from runs.api.parsers import StrictJSONParser
-from runs.api.permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
+from runs.api.permissions import TENANT_PARAMETER, TENANT_QUERY_PARAMETER, TenantScopedMixin, TenantWritePermission
 from runs.api.serializers import ErrorSerializer
 from runs.api.views import (
     IDEMPOTENCY_PARAMETER,
@@ -350,7 +350,7 @@ class TaskEventsView(EventStreamNegotiation, TaskAPIView):
             "seconds of silence; the stream closes after ORCHESTRATOR_SSE_MAX_SECONDS (reconnect to go on). "
             "`run_task` and the admin's task page read the same feed."
         ),
-        parameters=[TENANT_PARAMETER, LAST_EVENT_ID_PARAMETER],
+        parameters=[TENANT_PARAMETER, TENANT_QUERY_PARAMETER, LAST_EVENT_ID_PARAMETER],
         request=None,
         responses={
             (200, "text/event-stream"): OpenApiResponse(

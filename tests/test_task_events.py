@@ -147,3 +147,41 @@ def test_snapshot_keys_are_append_only_through_a_replan_that_shortens_the_plan(s
     assert final["step:2"]["status"] == "dropped"
     assert snapshot.end["status"] == "completed" and snapshot.end["progress"] == 100
     assert wait_for_task(task.pk).status == "completed"
+
+
+def test_admin_task_page_follows_the_feed_with_the_session_of_a_member(acme_llm, owner, tenants, client):  # noqa: F811
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    from runs.models import Membership
+
+    # Given: a staff user whose default tenant is globex, member (viewer) of acme too, and a task
+    # of acme (no worker: it stays at its first step)
+    User = get_user_model()
+    User.objects.filter(pk=owner.pk).update(is_staff=True)
+    owner.user_permissions.add(*Permission.objects.filter(content_type__app_label="tasks_app"))
+    Membership.objects.filter(user=owner).update(is_default=False)
+    Membership.objects.create(user=owner, tenant=tenants["globex"], role="owner", is_default=True)
+    task = services.start_task("acme", "Long job", [])
+    client.force_login(owner)
+
+    # When: the admin opens the task page
+    page = client.get(f"/admin/tasks_app/agenttask/{task.pk}/change/")
+
+    # Then: it loads the script and names the feed with the task's tenant (an EventSource sends no X-Tenant)
+    assert page.status_code == 200
+    url = f"/api/v1/chat/orchestrate/{task.pk}/events?tenant=acme"
+    assert f'data-events-url="{url}"'.encode() in page.content or f"data-events-url='{url}'".encode() in page.content
+    assert b"tasks_app/task_page.js" in page.content and b"id='task-steps'" in page.content
+    # and the session authenticates the stream (a GET: no CSRF token); without ?tenant it is the
+    # default tenant's view, where the task does not exist
+    services.cancel(task, "test")
+    stream = client.get(url, HTTP_ACCEPT="text/event-stream")
+    assert stream.status_code == 200
+    events = parse_sse(stream.streaming_content)
+    assert events[0]["event"] == "task" and events[-1]["data"]["status"] == "cancelled"
+    assert client.get(url.split("?")[0], HTTP_ACCEPT="text/event-stream").status_code == 404
+    # a tenant the user is not a member of is a 404 too; no session at all is a 401
+    assert client.get(url.replace("=acme", "=initech")).status_code == 404
+    client.logout()
+    assert client.get(url).status_code in (401, 403)

@@ -42,7 +42,7 @@ from . import serializers as s
 from .filters import AttemptFilter, RunFilter, StepFilter, TraceFilter
 from .pagination import IdPagination, NewestFirstPagination
 from .parsers import StrictJSONParser, TextYAMLParser, YAMLTextParser
-from .permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
+from .permissions import TENANT_PARAMETER, TENANT_QUERY_PARAMETER, TenantScopedMixin, TenantWritePermission
 from .throttling import LoginFailureThrottle, LoginRateThrottle
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -148,12 +148,22 @@ def event_stream(request: Request, feed_for: Callable[[str | None], EventFeed]) 
 
 
 class EventStreamNegotiation:
-    """For views that stream events: what DRF answers instead of the stream (an error, the 204) is
-    JSON whatever the Accept header says (an EventSource accepts only text/event-stream, which
-    would otherwise be a 406). ``streams()`` says whether this request is such a one."""
+    """For views that stream events (``streams()`` says whether this request is such a one): what
+    DRF answers instead of the stream (an error, the 204) is JSON whatever the Accept header says
+    (an EventSource accepts only text/event-stream, which would otherwise be a 406), and the tenant
+    may be named by the ``tenant`` query parameter (an EventSource cannot send ``X-Tenant``; the
+    header wins when both are sent). Put it before the TenantScopedMixin view in the bases."""
+
+    request: Any
 
     def streams(self) -> bool:
         return True
+
+    def requested_tenant(self) -> str | None:
+        requested = super().requested_tenant()  # type: ignore[misc]
+        if requested is None and self.streams():
+            return self.request.GET.get("tenant") or None
+        return requested
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         if self.streams():
@@ -338,7 +348,7 @@ class RunViewSet(
             "ORCHESTRATOR_SSE_HEARTBEAT seconds of silence; the stream closes after "
             "ORCHESTRATOR_SSE_MAX_SECONDS (reconnect to go on)."
         ),
-        parameters=[TENANT_PARAMETER, LAST_EVENT_ID_PARAMETER],
+        parameters=[TENANT_PARAMETER, TENANT_QUERY_PARAMETER, LAST_EVENT_ID_PARAMETER],
         responses={
             (200, "text/event-stream"): OpenApiResponse(
                 SSE_EVENT_SCHEMA, description="The event stream (until `end` or the time cap)."
