@@ -2,6 +2,10 @@
 their tool calls and attempts, checkpoints, summary, token usage, the latest traces) and the
 pause / resume / cancel actions, refused in tenants where the user only reads (runs/admin.py's
 ``TenantScopedAdmin`` rule). Rows are never edited by hand: the engine and the services own them.
+
+While the task is active, the change page's status, progress bar and step rows follow the task's
+event feed live (tasks_app/static/tasks_app/task_page.js: an ``EventSource`` on
+``/api/v1/chat/orchestrate/{id}/events?tenant=<slug>``, the admin's session authenticating it).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from runs.admin import TenantScopedAdmin
 from runs.models import Trace
 
 from . import services
+from .choices import TASK_TERMINAL
 from .models import AgentEndpoint, AgentTask
 
 
@@ -43,12 +49,15 @@ class AgentTaskAdmin(TenantScopedAdmin):
     raw_id_fields = ("run",)
     actions = ["pause_tasks", "resume_tasks", "cancel_tasks"]
     fields = (
-        "id", "tenant_id", "status", "goal", "progress_bar", "current_step", "total_steps", "strategy_view",
+        "id", "tenant_id", "status_view", "goal", "live_progress", "current_step", "total_steps", "strategy_view",
         "steps_view", "checkpoints_view", "summary", "usage_view", "result_view", "error", "run_link",
         "max_steps", "context_window_limit", "checkpoint_interval", "retry_count", "tools", "thread_id",
         "created_at", "updated_at", "finished_at", "traces_view",
     )  # fmt: skip
     readonly_fields = fields
+
+    class Media:
+        js = ["tasks_app/task_page.js"]
 
     def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
         return False  # tasks start through the API, run_task or services.start_task
@@ -64,6 +73,24 @@ class AgentTaskAdmin(TenantScopedAdmin):
     def progress_bar(self, task: AgentTask) -> str:
         return format_html("<progress max='100' value='{}'></progress> {}%", task.progress, task.progress)
 
+    @admin.display(description="status")
+    def status_view(self, task: AgentTask) -> str:
+        return format_html(
+            "<span id='task-status' class='ops-live' data-status='{}'>{}</span>", task.status, task.status
+        )
+
+    @admin.display(description="progress")
+    def live_progress(self, task: AgentTask) -> str:
+        """The progress bar, with what task_page.js needs to keep it (and the steps) live: the
+        events URL (the tenant named in the query: an EventSource sends no X-Tenant header) and
+        whether the task already ended (then nothing is opened)."""
+        url = reverse("task-events", kwargs={"task_id": task.pk}) + f"?tenant={task.tenant_id}"
+        return format_html(
+            "<progress id='task-progress' max='100' value='{}'></progress> <span id='task-progress-text'>{}%</span>"
+            "<span id='task-live' hidden data-events-url='{}' data-finished='{}'></span>",
+            task.progress, task.progress, url, "1" if task.status in TASK_TERMINAL else "",
+        )  # fmt: skip
+
     @admin.display(description="strategy")
     def strategy_view(self, task: AgentTask) -> str:
         steps = (task.strategy or {}).get("steps") or []
@@ -78,13 +105,16 @@ class AgentTaskAdmin(TenantScopedAdmin):
     @admin.display(description="steps (tool calls, attempts)")
     def steps_view(self, task: AgentTask) -> str:
         rows = services.planned_steps(task)
-        if not rows:
+        if not rows and task.status in TASK_TERMINAL:
             return "-"
         return format_html(
-            "<table><tr><th>#</th><th>step</th><th>tool</th><th>status</th><th>attempts</th></tr>{}</table>",
+            "<table id='task-steps'><tr><th>#</th><th>step</th><th>tool</th><th>status</th><th>attempts</th></tr>{}"
+            "</table>",
             format_html_join(
-                "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                ((r["index"] + 1, r["description"], r["tool"] or "", r["status"], r["attempts"]) for r in rows),
+                "", "<tr data-index='{}'><td>{}</td><td class='step-description'>{}</td><td class='step-tool'>{}</td>"
+                "<td class='step-status'>{}</td><td class='step-attempts'>{}</td></tr>",
+                ((r["index"], r["index"] + 1, r["description"], r["tool"] or "", r["status"], r["attempts"])
+                 for r in rows),
             ),
         )  # fmt: skip
 

@@ -7,6 +7,7 @@
                                                  "estimatedDuration"}``
 ``GET /chat/orchestrate?taskId=``                seed 003's status shape
 ``POST /chat/orchestrate/{taskId}/pause``        pause / resume / cancel -> the status shape
+``GET /chat/orchestrate/{taskId}/events``        live progress (Server-Sent Events, tasks_app/events.py)
 ================================================ ==========================================
 
 Tenancy, token authentication, the ``Idempotency-Key`` header and the error shape are the runs
@@ -32,12 +33,21 @@ from rest_framework.response import Response
 from orchestrator_site.conf import conf
 from runs.api.fields import StrictCharField
 from runs.api.parsers import StrictJSONParser
-from runs.api.permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
+from runs.api.permissions import TENANT_PARAMETER, TENANT_QUERY_PARAMETER, TenantScopedMixin, TenantWritePermission
 from runs.api.serializers import ErrorSerializer
-from runs.api.views import IDEMPOTENCY_PARAMETER, UUID_PATTERN, idempotency_key
+from runs.api.views import (
+    IDEMPOTENCY_PARAMETER,
+    LAST_EVENT_ID_PARAMETER,
+    UUID_PATTERN,
+    EventStreamNegotiation,
+    event_stream,
+    idempotency_key,
+    sse_event_schema,
+)
 from runs.choices import TriggerKind
 
 from . import orchestrator, services
+from .events import task_feed
 from .models import AgentTask
 
 
@@ -318,6 +328,44 @@ ResumeView = _action(
 )
 CancelView = _action("cancel", "Cancel a task and its run")
 
+
+class TaskEventsView(EventStreamNegotiation, TaskAPIView):
+    """GET the live progress of a task as Server-Sent Events (the feed of ``tasks_app.events``)."""
+
+    serializer_class = TaskStatusSerializer
+
+    @extend_schema(
+        summary="Live progress of an agent task (Server-Sent Events)",
+        description=(
+            'A `text/event-stream` (WHATWG HTML, "Server-sent events"): first the current state, then each '
+            "change as it happens. `event: task` with `{taskId, status, progress, currentStep, totalSteps}` "
+            "(seed 003's status fields) when one of them changes; `event: step` with `{index, description, "
+            "status, tool, attempts}` per planned step (`status` `dropped` when a replan removed it); "
+            "`event: execution` with `{step_id, op, index, status, attempts, error}` per row of the task's "
+            "run (decompose, args_k, step_k, evaluate_k, replan_k, summarize_k); finally `event: end` with "
+            "`{taskId, status, progress, result, error, finished_at}` once the task is completed, failed or "
+            "cancelled, and the stream closes. Every event has an `id`; reconnecting with it as "
+            "`Last-Event-ID` resumes without repeats, and once `end` was received the answer is 204 "
+            "(EventSource stops reconnecting). A `: heartbeat` comment comes after ORCHESTRATOR_SSE_HEARTBEAT "
+            "seconds of silence; the stream closes after ORCHESTRATOR_SSE_MAX_SECONDS (reconnect to go on). "
+            "`run_task` and the admin's task page read the same feed."
+        ),
+        parameters=[TENANT_PARAMETER, TENANT_QUERY_PARAMETER, LAST_EVENT_ID_PARAMETER],
+        request=None,
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                sse_event_schema(["task", "step", "execution", "end"]),
+                description="The event stream (until `end` or the time cap).",
+            ),
+            204: OpenApiResponse(description="`Last-Event-ID` is the `end` event: nothing more will come."),
+            **{code: response for code, response in ERRORS.items() if code != 400},
+        },
+    )
+    def get(self, request: Request, task_id: str) -> Any:
+        task = self.get_task(task_id)
+        return event_stream(request, lambda last_event_id: task_feed(task.pk, last_event_id=last_event_id))
+
+
 TASK = rf"chat/orchestrate/(?P<task_id>{UUID_PATTERN})"
 
 urlpatterns = [
@@ -326,4 +374,5 @@ urlpatterns = [
     re_path(rf"^{TASK}/pause/?$", PauseView.as_view(), name="task-pause"),
     re_path(rf"^{TASK}/resume/?$", ResumeView.as_view(), name="task-resume"),
     re_path(rf"^{TASK}/cancel/?$", CancelView.as_view(), name="task-cancel"),
+    re_path(rf"^{TASK}/events/?$", TaskEventsView.as_view(), name="task-events"),
 ]

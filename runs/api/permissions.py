@@ -26,6 +26,14 @@ TENANT_PARAMETER = OpenApiParameter(
     required=False,
     description="Slug of the tenant to act in (default: your default tenant).",
 )
+#: The event streams' way to name the tenant: a browser's EventSource cannot send headers.
+TENANT_QUERY_PARAMETER = OpenApiParameter(
+    name="tenant",
+    type=OpenApiTypes.STR,
+    location=OpenApiParameter.QUERY,
+    required=False,
+    description=f"As the {tenancy.TENANT_HEADER} header (which wins when both are sent), for an EventSource.",
+)
 
 
 class TenantScopedMixin:
@@ -36,9 +44,13 @@ class TenantScopedMixin:
     @cached_property
     def tenant(self) -> tenancy.TenantContext:
         """The tenant of this request. Raises TenantNotFound (404) or NoTenant (403)."""
-        context = tenancy.resolve(self.request.user, self.request.headers.get(tenancy.TENANT_HEADER))
+        context = tenancy.resolve(self.request.user, self.requested_tenant())
         logctx.bind(tenant=context.slug, user=getattr(self.request.user, "username", None))
         return context
+
+    def requested_tenant(self) -> str | None:
+        """The slug the caller asks to act in: the ``X-Tenant`` header (None: the default tenant)."""
+        return self.request.headers.get(tenancy.TENANT_HEADER)
 
     def scoped(self, queryset: QuerySet, field: str = "tenant_id") -> QuerySet:
         """``queryset`` limited to this request's tenant."""

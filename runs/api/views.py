@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from typing import Any
 
 from django.db.models import F, OuterRef, Subquery
@@ -35,13 +36,13 @@ from templates_app.services import save_template
 from templates_app.spec import load_spec
 
 from .. import services, tenancy
-from ..events import InvalidCursor, run_feed
+from ..events import EventFeed, InvalidCursor, run_feed
 from ..models import Attempt, Run, Step, Trace
 from . import serializers as s
 from .filters import AttemptFilter, RunFilter, StepFilter, TraceFilter
 from .pagination import IdPagination, NewestFirstPagination
 from .parsers import StrictJSONParser, TextYAMLParser, YAMLTextParser
-from .permissions import TENANT_PARAMETER, TenantScopedMixin, TenantWritePermission
+from .permissions import TENANT_PARAMETER, TENANT_QUERY_PARAMETER, TenantScopedMixin, TenantWritePermission
 from .throttling import LoginFailureThrottle, LoginRateThrottle
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -74,16 +75,23 @@ LAST_EVENT_ID_PARAMETER = OpenApiParameter(
         "stream starts over with the whole state, after a comment line saying why)."
     ),
 )
-#: One event of the stream as OpenAPI 3.0 describes an event stream's `schema` (each event).
-SSE_EVENT_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "event": {"type": "string", "enum": ["step", "run", "end"]},
-        "id": {"type": "string", "description": "Cursor to send back as Last-Event-ID."},
-        "data": {"type": "string", "description": "JSON object (fields per event: see the description)."},
-    },
-    "required": ["event", "data"],
-}
+
+
+def sse_event_schema(names: list[str]) -> dict[str, Any]:
+    """One event of a stream whose events are ``names``, as OpenAPI 3.0 describes an event
+    stream's ``schema`` (each event)."""
+    return {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string", "enum": names},
+            "id": {"type": "string", "description": "Cursor to send back as Last-Event-ID."},
+            "data": {"type": "string", "description": "JSON object (fields per event: see the description)."},
+        },
+        "required": ["event", "data"],
+    }
+
+
+SSE_EVENT_SCHEMA = sse_event_schema(["step", "run", "end"])
 UUID_PATTERN = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
 
@@ -113,6 +121,56 @@ def load_run_detail(run: Run) -> Run:
     return run
 
 
+def event_stream(request: Request, feed_for: Callable[[str | None], EventFeed]) -> Response | StreamingHttpResponse:
+    """The answer of an event-stream view: ``feed_for(last_event_id)`` as ``text/event-stream``
+    (no caching, no proxy buffering), or 204 when the client's ``Last-Event-ID`` is the ``end``
+    event and nothing changed since (per WHATWG an ``EventSource`` then stops reconnecting).
+
+    ``feed_for`` builds the feed (``runs.events.run_feed``, ``tasks_app.events.task_feed``) and
+    raises InvalidCursor for an id this server did not make; the stream then starts over from the
+    whole state, after a comment line saying why. The view calling this must render its errors
+    and the 204 as JSON whatever the Accept header says (see ``EventStreamNegotiation``).
+    """
+    last_event_id, refused = request.headers.get("Last-Event-ID") or None, None
+    try:
+        feed = feed_for(last_event_id)
+    except InvalidCursor as exc:
+        # The meaning of an id is the server's (WHATWG): one it did not make (another version,
+        # a hand-made header) restarts the stream from the whole state, saying why in-band.
+        feed, refused = feed_for(None), str(exc)
+    if feed.finished():
+        return Response(status=status.HTTP_204_NO_CONTENT)
+    frames = feed.frames() if refused is None else itertools.chain([f": {refused}; starting over\n\n"], feed.frames())
+    response = StreamingHttpResponse(frames, content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    return response
+
+
+class EventStreamNegotiation:
+    """For views that stream events (``streams()`` says whether this request is such a one): what
+    DRF answers instead of the stream (an error, the 204) is JSON whatever the Accept header says
+    (an EventSource accepts only text/event-stream, which would otherwise be a 406), and the tenant
+    may be named by the ``tenant`` query parameter (an EventSource cannot send ``X-Tenant``; the
+    header wins when both are sent). Put it before the TenantScopedMixin view in the bases."""
+
+    request: Any
+
+    def streams(self) -> bool:
+        return True
+
+    def requested_tenant(self) -> str | None:
+        requested = super().requested_tenant()  # type: ignore[misc]
+        if requested is None and self.streams():
+            return self.request.GET.get("tenant") or None
+        return requested
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        if self.streams():
+            return JSONRenderer(), JSONRenderer.media_type
+        return super().perform_content_negotiation(request, force)  # type: ignore[misc]
+
+
 class BaseAPIView(TenantScopedMixin):
     permission_classes = [IsAuthenticated, TenantWritePermission]
     parser_classes = [StrictJSONParser]
@@ -134,7 +192,9 @@ class BaseAPIView(TenantScopedMixin):
         responses={200: s.RunDetailSerializer, **READ_ERRORS},
     ),
 )
-class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class RunViewSet(
+    EventStreamNegotiation, BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
     """Runs of the tenant: start one, list, read, cancel, retry, rerun."""
 
     serializer_class = s.RunSerializer
@@ -153,13 +213,8 @@ class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
     def get_serializer_class(self):
         return s.RunDetailSerializer if self.action == "retrieve" else s.RunSerializer
 
-    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
-        # The event stream is not rendered by DRF; what DRF answers instead of it (an error, the
-        # 204) is JSON whatever the Accept header says (an EventSource accepts only
-        # text/event-stream, which would otherwise be a 406).
-        if self.action == "events":
-            return JSONRenderer(), JSONRenderer.media_type
-        return super().perform_content_negotiation(request, force)
+    def streams(self) -> bool:
+        return self.action == "events"
 
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         run = self.get_object()
@@ -293,7 +348,7 @@ class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
             "ORCHESTRATOR_SSE_HEARTBEAT seconds of silence; the stream closes after "
             "ORCHESTRATOR_SSE_MAX_SECONDS (reconnect to go on)."
         ),
-        parameters=[TENANT_PARAMETER, LAST_EVENT_ID_PARAMETER],
+        parameters=[TENANT_PARAMETER, TENANT_QUERY_PARAMETER, LAST_EVENT_ID_PARAMETER],
         responses={
             (200, "text/event-stream"): OpenApiResponse(
                 SSE_EVENT_SCHEMA, description="The event stream (until `end` or the time cap)."
@@ -305,22 +360,7 @@ class RunViewSet(BaseAPIView, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
     def events(self, request: Request, pk: str | None = None) -> Any:
         run = self.get_object()
         logctx.bind(run_id=run.pk, correlation_id=run.correlation_id)
-        last_event_id, refused = request.headers.get("Last-Event-ID") or None, None
-        try:
-            feed = run_feed(run.pk, last_event_id=last_event_id)
-        except InvalidCursor as exc:
-            # The meaning of an id is the server's (WHATWG): one it did not make (another version,
-            # a hand-made header) restarts the stream from the whole state, saying why in-band.
-            feed, refused = run_feed(run.pk), str(exc)
-        if feed.finished():
-            return Response(status=status.HTTP_204_NO_CONTENT)
-        frames = (
-            feed.frames() if refused is None else itertools.chain([f": {refused}; starting over\n\n"], feed.frames())
-        )
-        response = StreamingHttpResponse(frames, content_type="text/event-stream; charset=utf-8")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
-        return response
+        return event_stream(request, lambda last_event_id: run_feed(run.pk, last_event_id=last_event_id))
 
 
 class RunChildView(BaseAPIView, GenericAPIView):

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from orchestrator_site.conf import conf
 from runs import engine
 from runs.choices import TriggerKind
+from runs.events import Event
 from runs.management.commands._cli import ensure_embedded_database, fail_input
-from runs.models import Step
 from tasks_app import services
-from tasks_app.choices import TASK_TERMINAL
+from tasks_app.events import task_feed
 from tasks_app.models import AgentTask
 
 
@@ -40,7 +41,7 @@ class Command(BaseCommand):
         parser.add_argument("--tenant", default="default", help="tenant slug (default: default)")
         parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
         parser.add_argument("--wait-timeout", type=float, default=None, help="seconds before cancelling the task")
-        parser.add_argument("--poll", type=float, default=0.2, help="seconds between progress reads")
+        parser.add_argument("--poll", type=float, default=0.2, help="seconds between reads of the progress feed")
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.as_json = options["json"]
@@ -71,58 +72,67 @@ class Command(BaseCommand):
         sys.exit(0 if task.status == "completed" else 1)
 
     def wait(self, task: AgentTask, poll: float, wait_timeout: float | None) -> AgentTask:
-        """Poll until the task ends, printing each step's change and the progress; sweep now and then.
-        SIGINT/SIGTERM or ``--wait-timeout`` cancel the task."""
+        """Follow the task's event feed (``tasks_app.events``, the one the API streams and the admin
+        shows) in-process until its ``end``, printing each step's change and the progress; sweep now
+        and then. SIGINT/SIGTERM or ``--wait-timeout`` cancel the task (once; the feed then ends)."""
         interrupted: list[int] = []
         previous = {
             sig: signal.signal(sig, lambda s, f: interrupted.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        seen: dict[str, tuple[str, int]] = {}
+        state: dict[str, Any] = {"progress": 0, "plan": {}}
         started = time.monotonic()
         next_sweep = started + conf.sweep_interval
+        cancelled = False
+        # a heartbeat every poll: the loop below gets control even while nothing changes
+        feed = task_feed(task.pk, poll=poll, heartbeat=poll, max_seconds=math.inf)
         try:
-            while True:
-                task = services.sync(AgentTask.objects.get(pk=task.pk))
-                self.show_progress(task, seen)
-                if task.status in TASK_TERMINAL:
-                    return task
-                if interrupted:
-                    services.cancel(task, "interrupted (signal)")
-                elif wait_timeout is not None and time.monotonic() - started > wait_timeout:
-                    services.cancel(task, f"run_task gave up after {wait_timeout} s")
+            for event in feed.events():
+                if event is not None:
+                    self.show_event(event, state)
+                    if event.name == "end":
+                        break
+                if not cancelled and interrupted:
+                    cancelled = self.cancel(task, "interrupted (signal)")
+                elif not cancelled and wait_timeout is not None and time.monotonic() - started > wait_timeout:
+                    cancelled = self.cancel(task, f"run_task gave up after {wait_timeout} s")
                 if time.monotonic() >= next_sweep:
                     engine.sweep()
                     next_sweep = time.monotonic() + conf.sweep_interval
-                time.sleep(poll)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        final = AgentTask.objects.filter(pk=task.pk).first()
+        if final is None:
+            raise CommandError(f"task {task.pk} was deleted while it ran")
+        return services.sync(final)
 
-    def show_progress(self, task: AgentTask, seen: dict[str, tuple[str, int]]) -> None:
-        """One line per step change: time, step id, status, attempt, the planned step's text, progress."""
-        if self.as_json or task.run_id is None:
+    def cancel(self, task: AgentTask, reason: str) -> bool:
+        """Cancel the task (it may have ended meanwhile: nothing to do then). Returns True."""
+        with contextlib.suppress(services.TaskStateError):
+            services.cancel(AgentTask.objects.get(pk=task.pk), reason)
+        return True
+
+    def show_event(self, event: Event, state: dict[str, Any]) -> None:
+        """One line per ``execution`` event (a step row's change): time, step id, status, attempt, the
+        planned step's text, and the task's progress of that moment (from the ``task`` events, sent
+        before the changes of the same read). ``state``: ``{"progress", "plan": {index: step data}}``."""
+        data = event.data
+        if event.name == "task":
+            state["progress"] = data["progress"]
+        elif event.name == "step":
+            state["plan"][data["index"]] = data
+        if self.as_json or event.name != "execution":
             return
-        plan = (task.strategy or {}).get("steps") or []
-        for row in (
-            Step.objects.filter(run_id=task.run_id)
-            .order_by("id")
-            .values("step_id", "status", "attempts", "error", "spec")
-        ):
-            key = (row["status"], row["attempts"])
-            if seen.get(row["step_id"]) == key:
-                continue
-            seen[row["step_id"]] = key
-            params = (row["spec"] or {}).get("params") or {}
-            index = int(params.get("index") or 0)
-            what = ""
-            if params.get("op") in ("args", "step") and 0 < index <= len(plan):
-                tool = plan[index - 1].get("tool")
-                what = f" {plan[index - 1].get('description', '')[:60]}" + (f" [tool {tool}]" if tool else "")
-            detail = f" attempt {row['attempts']}" if row["attempts"] > 1 else ""
-            if row["error"] and row["status"] in ("retry_wait", "failed", "dead"):
-                detail += f": {row['error'][:160]}"
-            stamp = timezone.localtime().strftime("%H:%M:%S")
-            self.stdout.write(f"  {stamp} {row['step_id']:<12} {row['status']:<10} {task.progress:>3}%{what}{detail}")
+        planned = state["plan"].get(data["index"] - 1)
+        what = ""
+        if data["op"] in ("args", "step") and planned and planned["status"] != "dropped":
+            tool = planned["tool"]
+            what = f" {(planned['description'] or '')[:60]}" + (f" [tool {tool}]" if tool else "")
+        detail = f" attempt {data['attempts']}" if data["attempts"] > 1 else ""
+        if data["error"] and data["status"] in ("retry_wait", "failed", "dead"):
+            detail += f": {data['error'][:160]}"
+        stamp = timezone.localtime().strftime("%H:%M:%S")
+        self.stdout.write(f"  {stamp} {data['step_id']:<12} {data['status']:<10} {state['progress']:>3}%{what}{detail}")
 
     def summary(self, task: AgentTask) -> dict[str, Any]:
         """The ``--json`` object: task_id, status, progress, steps, checkpoints, usage, result (and error)."""
