@@ -719,7 +719,7 @@ class StepAdmin(EngineRowsAdmin):
 
     @admin.display(description="traces")
     def traces_link(self, step: Step) -> str:
-        url = reverse("admin:runs_trace_changelist") + f"?step={step.pk}"
+        url = reverse("admin:runs_trace_changelist") + f"?step_row={step.pk}"
         return format_html('<a href="{}">traces of this step</a>', url)
 
     @admin.display(description="input")
@@ -740,7 +740,7 @@ class StepAdmin(EngineRowsAdmin):
 
     @admin.display(description="latest traces")
     def step_traces(self, step: Step) -> str:
-        rows = list(Trace.objects.filter(step_id=step.pk).order_by("-id")[:30])  # FK index on step_id
+        rows = list(step.traces.order_by("-id")[:30])  # the FK's index
         if not rows:
             return "-"
         return format_html(
@@ -880,13 +880,14 @@ class AttemptAdmin(EngineRowsAdmin):
 @admin.register(Trace)
 class TraceAdmin(EngineRowsAdmin):
     tenant_field = "run__tenant_id"
-    list_display = ["id", "created_at", "run_link", "step_id", "attempt", "kind", "message_short"]
+    list_display = ["id", "created_at", "run_link", "step_code", "attempt", "kind", "message_short"]
+    list_select_related = ["step_row"]
     list_filter = ["kind", RunTenantFilter]
     search_fields = ["message"]
     search_help_text = "Run id (exact)."
     ordering = ["-id"]
-    raw_id_fields = ["run", "step"]
-    readonly_fields = ["run_link", "step", "attempt", "kind", "message", "data_display", "created_at"]
+    raw_id_fields = ["run", "step_row"]
+    readonly_fields = ["run_link", "step_row", "attempt", "kind", "message", "data_display", "created_at"]
     fields = readonly_fields
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
@@ -896,7 +897,11 @@ class TraceAdmin(EngineRowsAdmin):
         return (queryset.none() if search_term.strip() else queryset), False
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
-        return lookup in ("run", "step") or super().lookup_allowed(lookup, value, request)
+        return lookup in ("run", "step_row") or super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="step")
+    def step_code(self, trace: Trace) -> str:
+        return trace.step_row.step_id if trace.step_row_id else "-"
 
     @admin.display(description="run")
     def run_link(self, trace: Trace) -> str:

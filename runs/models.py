@@ -245,7 +245,11 @@ class Trace(models.Model):
     """
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="traces")
-    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.CASCADE, related_name="traces")
+    # `step_row`, not `step`: `trace.step_row_id` is the Step row's primary key, where
+    # `step.step_id` is the workflow's id of the step ("fetch"); the column is still `step_id`
+    step_row = models.ForeignKey(
+        Step, null=True, blank=True, on_delete=models.CASCADE, related_name="traces", db_column="step_id"
+    )
     attempt = models.PositiveIntegerField(null=True, blank=True)
     kind = models.CharField(max_length=16, choices=TraceKind.choices)
     message = models.TextField()

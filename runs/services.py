@@ -426,4 +426,4 @@ def current_step(steps: Iterable[Step]) -> Step | None:
 
 def latest_traces(run: Run, limit: int = 10) -> list[Trace]:
     """The ``limit`` newest traces of ``run``, newest first (index ``trace_run_latest_idx``)."""
-    return list(Trace.objects.filter(run_id=run.pk).annotate(step_code=F("step__step_id")).order_by("-id")[:limit])
+    return list(Trace.objects.filter(run_id=run.pk).annotate(step_code=F("step_row__step_id")).order_by("-id")[:limit])

@@ -99,7 +99,7 @@ def test_a_step_without_a_slot_waits_and_a_release_wakes_it(db, django_capture_o
     assert (second.status, second.attempts) == ("retry_wait", 0)
     assert 4.0 < (second.next_attempt_at - timezone.now()).total_seconds() <= 5.0  # the poll interval
     assert SlotWaiter.objects.filter(step=second, key=stored).exists()
-    assert Trace.objects.filter(step=second, message__contains="is full (1 of 1 running)").count() == 1
+    assert Trace.objects.filter(step_row=second, message__contains="is full (1 of 1 running)").count() == 1
     assert ConcurrencyLimit.objects.get(key=stored).limit == 1  # kept for the admin
     # when the holder's attempt ends, the waiter is due at once and re-sent
     with django_capture_on_commit_callbacks(execute=True) as callbacks:

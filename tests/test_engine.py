@@ -450,7 +450,7 @@ steps:
     assert run.status == "succeeded"
     step.refresh_from_db()
     assert step.attempts == 2
-    assert Trace.objects.filter(step=step, message__contains="late completion refused").count() == 1
+    assert Trace.objects.filter(step_row=step, message__contains="late completion refused").count() == 1
     # a duplicate message for a finished step finds nothing to claim
     assert engine.execute_step(step.pk, worker="late") == "not-claimed"
 

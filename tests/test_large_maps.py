@@ -74,7 +74,7 @@ def test_a_large_map_is_queued_not_expanded_then_a_worker_expands_it_in_batches(
     each.refresh_from_db()
     assert (each.status, each.pending_children, each.lease_token) == (StepStatus.RUNNING, 120, None)
     assert list(Attempt.objects.filter(step=each).values_list("outcome", flat=True)) == [AttemptOutcome.SUCCEEDED]
-    assert Trace.objects.filter(step=each, message__contains="fanned out to 120 children (batches of 50)").exists()
+    assert Trace.objects.filter(step_row=each, message__contains="fanned out to 120 children (batches of 50)").exists()
     run.refresh_from_db()
     assert run.steps_total == 2 + 120
 

@@ -166,7 +166,7 @@ def test_a_step_without_a_token_waits_and_spends_no_attempt(db):
     assert 0.8 < wait <= 1.0  # exactly until the next token
     assert TokenReservation.objects.get(step=second).key == f"default/{key}"  # its place in line
     assert not Attempt.objects.filter(step=second).exists()
-    assert Trace.objects.filter(step=second, kind="decision", message__contains=f"rate limit '{key}'").count() == 1
+    assert Trace.objects.filter(step_row=second, kind="decision", message__contains=f"rate limit '{key}'").count() == 1
 
     # the third waits behind it: the token after next, 2 s
     assert engine.execute_step(third.pk) == "throttled"
@@ -177,7 +177,7 @@ def test_a_step_without_a_token_waits_and_spends_no_attempt(db):
     assert engine.execute_step(second.pk) == "not-claimed"
     Step.objects.filter(pk=second.pk).update(next_attempt_at=timezone.now())
     assert engine.execute_step(second.pk) == "throttled"
-    assert Trace.objects.filter(step=second, kind="decision").count() == 1
+    assert Trace.objects.filter(step_row=second, kind="decision").count() == 1
 
     # once the refill made its token, it runs on its first attempt and leaves the line
     RateLimit.objects.filter(key=f"default/{key}").update(last_refill=timezone.now() - timedelta(seconds=1))

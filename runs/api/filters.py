@@ -130,7 +130,7 @@ class TraceFilter(df.FilterSet):
     """``kind`` (comma list), ``step`` (step id), ``after`` (trace id: only newer ones, for tailing)."""
 
     kind = ChoiceInFilter(choices=TraceKind.choices)
-    step = df.CharFilter(field_name="step__step_id", max_length=255)
+    step = df.CharFilter(field_name="step_row__step_id", max_length=255)
     after = TraceIdFilter(field_name="id", lookup_expr="gt", min_value=0, max_value=2**63 - 1)
 
     class Meta:

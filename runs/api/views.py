@@ -448,7 +448,7 @@ class TraceListView(RunChildView):
     )
     def get(self, request: Request, run_id: str) -> Response:
         run = self.get_run()
-        return self.list_response(Trace.objects.filter(run_id=run.pk).annotate(step_code=F("step__step_id")))
+        return self.list_response(Trace.objects.filter(run_id=run.pk).annotate(step_code=F("step_row__step_id")))
 
 
 # --- templates ------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def refuse(step: Step, token: uuid.UUID, duration_ms: int) -> str:
     state.refuse(step, token, duration_ms)
     Trace.objects.create(
         run_id=step.run_id,
-        step_id=step.pk,
+        step_row_id=step.pk,
         attempt=step.attempts,
         kind=TraceKind.ERROR,
         message=f"step '{step.step_id}' attempt {step.attempts}: late completion refused",

@@ -335,7 +335,7 @@ def reset_for_retry(
         if full:
             # A reset map step expands afresh; its old items go, their traces stay (unlinked).
             old_items = Step.objects.filter(parent__in=[by_id[s].pk for s in full])
-            Trace.objects.filter(step__in=old_items).update(step=None)
+            Trace.objects.filter(step_row__in=old_items).update(step_row=None)
             removed = old_items.count()
             if removed:
                 Attempt.objects.filter(step__in=old_items).delete()

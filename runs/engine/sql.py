@@ -213,7 +213,7 @@ def claim_and_begin(
         Trace,
         {
             "run_id": ("c.run_id", []),
-            "step_id": ("c.id", []),
+            "step_row_id": ("c.id", []),
             "attempt": ("c.attempts", []),
             "kind": ("%s", ["state"]),
             "message": (_RUNNING_MESSAGE, []),

@@ -82,7 +82,7 @@ class Batch:
         data: Any = None,
     ) -> None:
         self.traces.append(
-            Trace(run_id=run_id, step_id=step_pk, attempt=attempt, kind=kind, message=message, data=data)
+            Trace(run_id=run_id, step_row_id=step_pk, attempt=attempt, kind=kind, message=message, data=data)
         )
 
     def flush(self, priority: int | None = None) -> None:

@@ -62,8 +62,8 @@ def sweep(now: datetime | None = None) -> dict[str, int]:
         with transaction.atomic():
             moved = state.queue_due_retries(due, due_now, now)
             Trace.objects.bulk_create(
-                Trace(run_id=run_id, step_id=pk, kind=TraceKind.STATE, message=f"step '{step_id}' queued (retry due)")
-                for pk, run_id, step_id in moved
+                Trace(run_id=run_id, step_row_id=pk, kind=TraceKind.STATE, message=f"step '{code}' queued (retry due)")
+                for pk, run_id, code in moved
             )
             pks = [pk for pk, _r, _s in moved]
             transaction.on_commit(lambda: _enqueue_by_priority(pks))

@@ -296,7 +296,7 @@ def _handler_tracer(run_id: Any, step_pk: int, attempt: int):
         secrets = known_secrets()
         Trace.objects.create(
             run_id=run_id,
-            step_id=step_pk,
+            step_row_id=step_pk,
             attempt=attempt,
             kind=kind,
             message=redact(state.one_line(message, 4000), secrets),

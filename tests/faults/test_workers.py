@@ -161,8 +161,8 @@ def test_sigstop_past_lease_late_completion_refused(processes, receiver):
         done.finished_at,
         done.attempts,
     )
-    assert Trace.objects.filter(step=step, message__contains="succeeded in").count() == 1
-    assert Trace.objects.filter(step=step, message__contains="late completion refused").count() == 1
+    assert Trace.objects.filter(step_row=step, message__contains="succeeded in").count() == 1
+    assert Trace.objects.filter(step_row=step, message__contains="late completion refused").count() == 1
     assert Run.objects.get(pk=run.pk).finished_at == run.finished_at
     print(
         f"\nFAULT 3 SIGSTOP past lease: A frozen {frozen_for:.1f} s, B took over as attempt 2; "
@@ -188,7 +188,7 @@ def test_always_failing_step_is_dead_after_max_attempts(processes, receiver, set
     assert [a.number for a in attempts] == [1, 2, 3, 4]
     assert all(a.outcome == AttemptOutcome.FAILED for a in attempts)
     # ... and each delay inside its bounds: equal jitter draws from [d/2, d], d = min(0.5 * 2**(n-1), 2)
-    planned = [t.data["delay_s"] for t in Trace.objects.filter(step=step, data__delay_s__gt=0).order_by("id")]
+    planned = [t.data["delay_s"] for t in Trace.objects.filter(step_row=step, data__delay_s__gt=0).order_by("id")]
     gaps = [(b.started_at - a.finished_at).total_seconds() for a, b in zip(attempts, attempts[1:], strict=False)]
     assert len(planned) == 3
     for n, (delay, gap) in enumerate(zip(planned, gaps, strict=True), start=1):
