@@ -153,7 +153,7 @@ def test_run_page_links_steps_attempts_traces(root_client, chain_template):
     assert 'id="run-retry"' in page and 'id="run-cancel"' in page and 'id="run-rerun"' in page
     step = Step.objects.get(run=run, step_id="a")
     assert root_client.get(f"/admin/runs/step/{step.pk}/change/").status_code == 200
-    assert root_client.get(f"/admin/runs/trace/?step={step.pk}").status_code == 200
+    assert root_client.get(f"/admin/runs/trace/?step_row={step.pk}").status_code == 200
 
 
 def test_engine_rows_cannot_be_edited_by_hand(root_client, chain_template):
