@@ -257,11 +257,12 @@ def stage_items(step: Step, items: list[Any]) -> None:
 
 
 def expand_batch(
-    step: Step, token: uuid.UUID, make_rows: Any, size: int, lease_until: datetime
+    step: Step, token: uuid.UUID, items: list[Any], make_rows: Any, size: int, lease_until: datetime
 ) -> tuple[list[int], int, int] | None:
     """Insert the next ``size`` children of a claimed large map step; the caller holds the run's lock.
 
-    ``make_rows(items, start)`` builds the unsaved child rows of ``items`` (indexes from
+    ``items``: the step's staged items (its ``input``, as the claim read it: never rewritten
+    while it is expanded). ``make_rows(items, start)`` builds the unsaved child rows of ``items`` (indexes from
     ``start``). The first batch sets the step's ``pending_children`` to the item count (and the
     run's ``steps_total``); each batch extends the lease to ``lease_until``, so a long expansion
     is not taken for a lost one. Resumes after the last child already inserted (a retry after a
@@ -271,13 +272,12 @@ def expand_batch(
     """
     parent = (
         Step.objects.select_for_update(of=("self",))
-        .only("id", "run_id", "step_id", "input", "pending_children", "spec")
+        .only("id", "pending_children")
         .filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token)
         .first()
     )
     if parent is None:
         return None
-    items = parent.input if isinstance(parent.input, list) else []
     start = Step.objects.filter(parent_id=step.pk).count()
     changes: dict[str, Any] = {"lease_expires_at": lease_until}
     if parent.pending_children is None:

@@ -205,6 +205,7 @@ def expand_claimed(claim: state.Claim) -> str:
     lease = sql.step_timeout(step.spec, conf.default_step_timeout) + conf.lease_grace
     spec = cascade.child_spec(step.spec)
     external = cascade.is_external(spec)
+    items = step.input if isinstance(step.input, list) else []  # staged by cascade, read by the claim
 
     def rows(items: list[Any], start: int) -> list[Step]:
         return cascade.child_rows(step, [(spec, item) for item in items], start)
@@ -213,7 +214,7 @@ def expand_claimed(claim: state.Claim) -> str:
         with transaction.atomic():
             if state.lock_run(run.pk) is None:
                 return "refused"
-            batch = state.expand_batch(step, token, rows, size, state.now() + timedelta(seconds=lease))
+            batch = state.expand_batch(step, token, items, rows, size, state.now() + timedelta(seconds=lease))
             if batch is None:
                 return "refused"
             ids, inserted, total = batch
