@@ -34,7 +34,7 @@ def _planned_by(rows: list[dict[str, Any]]) -> dict[str, int]:
     lengths: dict[str, int] = {}
     for row in rows:
         if row["step_id"].startswith(PLANNERS) and row["status"] == "succeeded":
-            lengths[row["step_id"]] = len(((row["output"] or {}).get("strategy") or {}).get("steps") or [])
+            lengths[row["step_id"]] = len(((row["plan"] or {}).get("strategy") or {}).get("steps") or [])
     return lengths
 
 
@@ -53,10 +53,13 @@ def task_snapshot(task_id: Any) -> Snapshot:
     ``end`` data (when the task is completed, failed or cancelled): ``{"taskId", "status",
     "progress", "result", "error", "finished_at"}``.
 
-    Three queries while running (the run's rows first, then the task: a row seen implies the plan
-    it follows is seen too), plus ``planned_steps``' one. Raises LookupError
+    Two queries while running (the run's rows, each planning row read with its plan in the same
+    statement, then the task: a row seen implies the plan it follows is seen too), plus
+    ``planned_steps``' one. Raises LookupError
     (AgentTask.DoesNotExist) when the task is gone.
     """
+    from django.db.models import Case, F, JSONField, Q, When
+
     from runs.models import Step
 
     from . import services
@@ -66,15 +69,15 @@ def task_snapshot(task_id: Any) -> Snapshot:
     run_id = AgentTask.objects.values_list("run_id", flat=True).get(pk=task_id)
     rows: list[dict[str, Any]] = []
     if run_id is not None:
-        planners = Step.objects.filter(run_id=run_id, parent__isnull=True, step_id__regex=r"^(decompose|replan_)")
-        outputs = dict(planners.values_list("step_id", "output"))
+        # one statement: a planning row's status and its plan are read together (two reads let a
+        # row be seen succeeded with the plan of before it finished, and its steps placed late)
+        planner = Q(step_id="decompose") | Q(step_id__startswith="replan_")
         rows = list(
             Step.objects.filter(run_id=run_id, parent__isnull=True)
             .order_by("id")
             .values("step_id", "status", "attempts", "error", "spec__params__op", "spec__params__index")
+            .annotate(plan=Case(When(planner, then=F("output")), default=None, output_field=JSONField()))
         )
-        for row in rows:
-            row["output"] = outputs.get(row["step_id"])
     task = services.sync(AgentTask.objects.get(pk=task_id))
     done = task.status in TASK_TERMINAL
     state = {
