@@ -118,6 +118,10 @@ TEMPLATES = [
 # --- Database -------------------------------------------------------------------------------
 SQLITE_PATH = DATA_DIR / "orchestrator.sqlite3"
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{SQLITE_PATH}")
+#: The engine's hot statements (runs/engine/sql.py) are prepared once per database connection
+#: (PostgreSQL parses and plans them once, not on every step). Turn off behind a connection
+#: pooler that cannot keep prepared statements (PgBouncer in transaction mode before 1.21).
+ORCHESTRATOR_PREPARED_STATEMENTS = env_bool("ORCHESTRATOR_PREPARED_STATEMENTS", True)
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Writers take the lock at BEGIN (no upgrade deadlocks between worker threads); WAL lets the
@@ -131,6 +135,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # psycopg prepares a statement on its first use (prepare=True) only where this is set; the
+    # ORM's queries are bound client-side (Django's default) and never prepared
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+        5 if ORCHESTRATOR_PREPARED_STATEMENTS else None
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
