@@ -20,7 +20,7 @@ from orchestrator_site.conf import conf
 from templates_app.errors import ExpressionError, WorkflowError
 
 from .. import metrics
-from ..choices import RUN_TERMINAL, STEP_FAILED, STEP_TERMINAL, RunStatus, StepStatus, TraceKind
+from ..choices import RUN_TERMINAL, STEP_FAILED, RunStatus, StepStatus, TraceKind
 from ..models import Run, Step
 from . import broker, gate, sql, state
 from .context import build_context
@@ -280,16 +280,9 @@ def child_rows(step: Step, children_specs: list[tuple[dict[str, Any], Any]], sta
 def maybe_finish_run(run: Run, batch: state.Batch) -> None:
     """Finish the run when no step is left unfinished (the caller holds the run's lock, so two
     leaves finishing at once are serialized and the second sees the first's step)."""
-    locked = state.lock_run(run.pk)
-    if locked is None or locked.status in RUN_TERMINAL:
+    locked, unfinished, rows, declared = state.finish_check(run.pk)
+    if locked is None or locked.status in RUN_TERMINAL or unfinished:
         return
-    if Step.objects.filter(run_id=run.pk).exclude(status__in=STEP_TERMINAL).exists():
-        return
-    rows = list(
-        Step.objects.filter(run_id=run.pk, parent__isnull=True)
-        .order_by("id")
-        .values("step_id", "status", "error", "output", "dependents")
-    )
     failed = [r for r in rows if r["status"] in STEP_FAILED or r["status"] == StepStatus.CANCELLED]
     at = state.now()
     outputs: Any = None
@@ -301,7 +294,7 @@ def maybe_finish_run(run: Run, batch: state.Batch) -> None:
     else:
         status = RunStatus.SUCCEEDED
         try:
-            outputs = run_outputs(Run.objects.only("spec", "inputs").get(pk=run.pk), rows)
+            outputs = run_outputs(declared, locked.inputs, run.pk, rows)
         except (ExpressionError, WorkflowError) as exc:
             status, error = RunStatus.FAILED, state.one_line(f"outputs: {exc}")
     if state.finish_run(run.pk, status, outputs=outputs, error=error, at=at):
@@ -319,17 +312,18 @@ def count_finished_run(status: str, started_at: datetime | None, at: datetime) -
     transaction.on_commit(lambda: metrics.run_finished(status, seconds))
 
 
-def run_outputs(run: Run, rows: list[dict[str, Any]]) -> Any:
-    """The run's outputs: its declared ``outputs`` rendered, else the leaves' outputs by step id."""
-    declared = run.spec.get("outputs")
+def run_outputs(declared: Any, inputs: dict[str, Any], run_id: Any, rows: list[dict[str, Any]]) -> Any:
+    """The run's outputs: its ``declared`` outputs (the spec's ``outputs``) rendered against
+    ``inputs`` and the top-level step ``rows``, else the leaves' outputs by step id.
+    Raises ExpressionError / WorkflowError from the rendering."""
     if not declared:
         return {r["step_id"]: r["output"] for r in rows if not r["dependents"] and r["status"] == StepStatus.SUCCEEDED}
     from templates_app.expressions import render
 
     ctx = {
-        "vars": run.inputs,
+        "vars": inputs,
         "steps": {r["step_id"]: {"output": r["output"], "status": r["status"]} for r in rows},
-        "run": {"id": str(run.pk)},
+        "run": {"id": str(run_id)},
     }
     return render(declared, ctx)
 

@@ -42,12 +42,17 @@ from ..choices import AttemptOutcome, StepStatus
 from ..models import Attempt, Run, Step, Trace
 
 __all__ = [
+    "RUN_LOCK_FIELDS",
     "claim_and_begin",
     "close_success",
     "decrement_dependents",
     "decrement_parent",
+    "exists",
+    "finish_check",
+    "finish_run",
     "insert",
     "is_postgresql",
+    "lock_run",
     "mark_queued",
     "write_batch",
 ]
@@ -89,18 +94,119 @@ def is_postgresql() -> bool:
     return connection.vendor == "postgresql"
 
 
+#: the Run fields a status-writing transaction reads when it locks the run (``lock_run``)
+RUN_LOCK_FIELDS = (
+    "id", "status", "tenant_id", "priority", "started_at", "deadline", "template_key", "inputs", "metadata",
+)  # fmt: skip
+
+
+def _lock_run_sql() -> tuple[str, list[Any]]:
+    # in the model's field order: Model.from_db (_build) reads a partial row in that order
+    fields = [f for f in Run._meta.concrete_fields if f.attname in RUN_LOCK_FIELDS]
+    columns = ", ".join(f.column for f in fields)
+    return f"SELECT {columns} FROM {Run._meta.db_table} WHERE id = %s FOR NO KEY UPDATE", fields
+
+
+def lock_run(run_id: Any) -> Run | None:
+    """``SELECT ... FOR NO KEY UPDATE`` of the run (the fields of RUN_LOCK_FIELDS, the others
+    deferred). None: it is gone."""
+    if not is_postgresql():
+        return Run.objects.select_for_update(no_key=True).only(*RUN_LOCK_FIELDS).filter(pk=run_id).first()
+    sql, fields = _lock_run_sql()
+    rows = _run([(sql, [run_id])])[0]
+    return _build(Run, fields, rows[0]) if rows else None
+
+
+def finish_check(run_id: Any, terminal: Sequence[str]) -> tuple[Run | None, bool, list[dict[str, Any]], Any]:
+    """Lock the run and read whether it is done, in one round trip on PostgreSQL.
+
+    Returns ``(run, unfinished, rows, declared)``: the run as :func:`lock_run` reads it (None:
+    gone); whether a step of it (children included) is in none of the ``terminal`` statuses; its
+    top-level steps as ``{"step_id", "status", "error", "output", "dependents"}`` in id order,
+    read only when none is unfinished (``[]`` otherwise: a run with many leaves is not read
+    whole at each one); and its spec's declared ``outputs`` (None when not declared).
+    """
+    step_table = Step._meta.db_table
+    if not is_postgresql():
+        run = lock_run(run_id)
+        if run is None:
+            return None, False, [], None
+        if Step.objects.filter(run_id=run_id).exclude(status__in=list(terminal)).exists():
+            return run, True, [], None
+        rows = list(
+            Step.objects.filter(run_id=run_id, parent__isnull=True)
+            .order_by("id")
+            .values("step_id", "status", "error", "output", "dependents")
+        )
+        declared = Run.objects.filter(pk=run_id).values_list("spec", flat=True).first() or {}
+        return run, False, rows, declared.get("outputs")
+    lock, fields = _lock_run_sql()
+    unfinished = f"SELECT 1 FROM {step_table} WHERE run_id = %s AND NOT (status = ANY(%s::text[]))"
+    statements = [
+        (lock, [run_id]),
+        (f"SELECT EXISTS ({unfinished})", [run_id, list(terminal)]),
+        (
+            f"SELECT step_id, status, error, output, dependents FROM {step_table} "
+            f"WHERE run_id = %s AND parent_id IS NULL AND NOT EXISTS ({unfinished}) ORDER BY id",
+            [run_id, run_id, list(terminal)],
+        ),
+        (f"SELECT spec -> 'outputs' FROM {Run._meta.db_table} WHERE id = %s", [run_id]),
+    ]
+    locked, (pending,), rows, declared = _run(statements)
+    if not locked:
+        return None, False, [], None
+    run = _build(Run, fields, locked[0])
+    step_fields = [Step._meta.get_field(name) for name in ("step_id", "status", "error", "output", "dependents")]
+    steps = [{f.attname: v for f, v in zip(step_fields, _values(step_fields, row), strict=True)} for row in rows]
+    outputs = declared[0][0] if declared else None
+    if isinstance(outputs, str):  # the JSON text (Django's jsonb loader leaves decoding to the field)
+        outputs = json.loads(outputs)
+    return run, bool(pending[0]), steps, outputs
+
+
+def exists(model: type[Model], equal: dict[str, Any]) -> bool:
+    """Whether a row of ``model`` has every field of ``equal`` (``{attname: value}``) equal to the
+    value given: one prepared statement on PostgreSQL, the ORM's ``exists()`` elsewhere."""
+    if not is_postgresql():
+        return model.objects.filter(**equal).exists()
+    where = " AND ".join(f"{model._meta.get_field(name).column} = %s" for name in equal) or "TRUE"
+    sql = f"SELECT EXISTS (SELECT 1 FROM {model._meta.db_table} WHERE {where})"
+    return bool(_run([(sql, list(equal.values()))])[0][0][0])
+
+
+def finish_run(run_id: Any, status: str, *, outputs: Any, error: str, at: datetime, active: Sequence[str]) -> bool:
+    """``UPDATE`` an ``active`` run to ``status`` with its outputs, error and finish time."""
+    if not is_postgresql():
+        return bool(
+            Run.objects.filter(pk=run_id, status__in=list(active)).update(
+                status=status, finished_at=at, outputs=outputs, error=error
+            )
+        )
+    sql = (
+        f"UPDATE {Run._meta.db_table} SET status = %s, finished_at = %s, outputs = %s::jsonb, error = %s "
+        "WHERE id = %s AND status = ANY(%s::text[]) RETURNING 1"
+    )
+    return bool(_run([(sql, [status, at, json.dumps(outputs), error, run_id, list(active)])])[0])
+
+
 def _columns(model: type[Model], exclude: Sequence[str] = ()) -> list[Any]:
     return [f for f in model._meta.concrete_fields if f.attname not in exclude]
 
 
-def _build(model: type[Model], fields: list[Any], values: Sequence[Any]) -> Any:
-    """A model instance from raw column values, converters applied (as the ORM's iterator does)."""
+def _values(fields: list[Any], values: Sequence[Any]) -> list[Any]:
+    """Raw column values with the fields' converters applied (as the ORM's iterator does)."""
     converted = []
     for f, value in zip(fields, values, strict=True):
         if value is not None and hasattr(f, "from_db_value"):
             value = f.from_db_value(value, None, connection)
         converted.append(value)
-    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+    return converted
+
+
+def _build(model: type[Model], fields: list[Any], values: Sequence[Any]) -> Any:
+    """A model instance from raw column values, converters applied. ``fields`` in the model's
+    field order (``Model.from_db`` places a partial row by that order); the others are deferred."""
+    return model.from_db(connection.alias, [f.attname for f in fields], _values(fields, values))
 
 
 def step_timeout(spec: dict[str, Any], default_timeout: float) -> float:

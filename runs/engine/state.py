@@ -50,12 +50,13 @@ def one_line(text: str, limit: int = 2000) -> str:
 
 def lock_run(run_id: Any) -> Run | None:
     """Lock the run row (first lock of every status-writing transaction). None: it is gone."""
-    return (
-        Run.objects.select_for_update(no_key=True)
-        .only("id", "status", "tenant_id", "priority", "started_at", "deadline", "template_key", "inputs", "metadata")
-        .filter(pk=run_id)
-        .first()
-    )
+    return sql.lock_run(run_id)
+
+
+def finish_check(run_id: Any) -> tuple[Run | None, bool, list[dict[str, Any]], Any]:
+    """Lock the run (as :func:`lock_run`) and read whether every step of it is finished:
+    ``(run, unfinished, top-level step rows, declared outputs)`` (``sql.finish_check``)."""
+    return sql.finish_check(run_id, sorted(str(s) for s in STEP_TERMINAL))
 
 
 # --- what one transaction collects --------------------------------------------------------------
@@ -180,10 +181,8 @@ def activate(run_id: Any, at: datetime) -> Run | None:
 
 def finish_run(run_id: Any, status: str, *, outputs: Any, error: str, at: datetime) -> bool:
     """An active run reaches ``status`` (succeeded or failed). False when it had already ended."""
-    return bool(
-        Run.objects.filter(pk=run_id, status__in=[RunStatus.PENDING, RunStatus.RUNNING]).update(
-            status=status, finished_at=at, outputs=json_safe(outputs), error=error
-        )
+    return sql.finish_run(
+        run_id, status, outputs=json_safe(outputs), error=error, at=at, active=[RunStatus.PENDING, RunStatus.RUNNING]
     )
 
 

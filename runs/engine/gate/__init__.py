@@ -234,8 +234,9 @@ def runs_waiting(tenant_id: str | None) -> bool:
     """True when runs of ``tenant_id`` (None: any tenant) wait for a run slot."""
     from agents.models import QueuedRun
 
-    waiting = QueuedRun.objects.all() if tenant_id is None else QueuedRun.objects.filter(tenant_id=tenant_id)
-    return waiting.exists()
+    from .. import sql
+
+    return sql.exists(QueuedRun, {} if tenant_id is None else {"tenant_id": tenant_id})
 
 
 def admit_run(run: Any) -> str | None:
