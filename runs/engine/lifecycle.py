@@ -41,53 +41,25 @@ def start_run(
     concurrent-run limit is created ``pending`` and started later (``activate_run``). Raises
     ``WorkflowError`` (one line) on bad inputs; nothing is saved then.
     """
-    from templates_app.spec import validate_inputs
-
-    values = validate_inputs(spec, inputs or {})
+    new = _NewRun.build(
+        spec,
+        inputs,
+        template=template,
+        trigger=trigger,
+        tenant_id=tenant_id,
+        user_id=user_id,
+        correlation_id=correlation_id,
+        idempotency_key=idempotency_key,
+        priority=priority,
+        metadata=metadata,
+    )
     if idempotency_key:
         existing = Run.objects.filter(tenant_id=tenant_id, idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing
-    at = state.now()
-    run_timeout = spec.get("timeout")
-    dependents: dict[str, list[str]] = {s["id"]: [] for s in spec["steps"]}
-    for s in spec["steps"]:
-        for dep in s.get("depends_on", []):
-            dependents[dep].append(s["id"])
-    rows = [
-        {
-            "step_id": s["id"],
-            "type": s["type"],
-            "spec": s,
-            "depends_on": list(s.get("depends_on", [])),
-            "dependents": dependents[s["id"]],
-            "pending_deps": len(s.get("depends_on", [])),
-            "max_attempts": max(1, int(s.get("retry", {}).get("max_attempts", 1))),
-        }
-        for s in spec["steps"]
-    ]
     try:
         with transaction.atomic():
-            run, steps = state.create_run(
-                {
-                    "template": template,
-                    "template_key": spec["key"],
-                    "template_version": getattr(template, "version", None),
-                    "spec": spec,
-                    "inputs": values,
-                    "tenant_id": tenant_id,
-                    "user_id": user_id,
-                    "correlation_id": correlation_id,
-                    "idempotency_key": idempotency_key or None,
-                    "priority": priority,
-                    "trigger": trigger,
-                    "metadata": metadata or {},
-                    "steps_total": len(spec["steps"]),
-                    "started_at": at,
-                    "deadline": at + timedelta(seconds=run_timeout) if run_timeout else None,
-                },
-                rows,
-            )
+            run, steps = state.create_run(new.fields, new.rows)
             batch = state.Batch()
             # concurrent-run limits (template, tenant): over one, the run waits `pending` until
             # the gate admits it (activate_run)
@@ -99,21 +71,83 @@ def start_run(
                 batch.trace(run.pk, TraceKind.STATE, f"run waiting for a slot ({trigger}): {waiting}")
                 batch.flush()
             else:
-                batch.trace(run.pk, TraceKind.STATE, f"run started ({trigger})", data={"inputs_keys": sorted(values)})
-                # bulk_create set the primary keys (PostgreSQL RETURNING): no need to read the roots back
-                roots = [s for s in steps if s.pending_deps == 0]
-                if any(s.pk is None for s in roots):
-                    roots = list(Step.objects.filter(run=run, pending_deps=0).order_by("id"))
-                cascade.Cascade(run, batch).decide(roots)
+                new.begin(run, steps, batch)
                 batch.flush(priority=run.priority)
     except IntegrityError:
         if idempotency_key:
             # A concurrent request with the same key won the race: return its run.
             return Run.objects.get(tenant_id=tenant_id, idempotency_key=idempotency_key)
         raise
-    if run.deadline:
-        transaction.on_commit(lambda: broker.schedule_deadline(run.pk, run_timeout))
     return run
+
+
+@dataclass
+class _NewRun:
+    """A run about to be created: its Run fields and step rows, inputs validated (nothing saved)."""
+
+    fields: dict[str, Any]
+    rows: list[dict[str, Any]]
+    trigger: str
+    input_keys: list[str]
+    timeout: Any
+
+    @classmethod
+    def build(cls, spec: dict[str, Any], inputs: dict[str, Any] | None, **options: Any) -> _NewRun:
+        """Validate ``inputs`` against ``spec`` and lay out the rows (``options``: start_run's
+        keyword arguments). Raises WorkflowError (one line) on bad inputs."""
+        from templates_app.spec import validate_inputs
+
+        values = validate_inputs(spec, inputs or {})
+        at = state.now()
+        timeout = spec.get("timeout")
+        dependents: dict[str, list[str]] = {s["id"]: [] for s in spec["steps"]}
+        for s in spec["steps"]:
+            for dep in s.get("depends_on", []):
+                dependents[dep].append(s["id"])
+        rows = [
+            {
+                "step_id": s["id"],
+                "type": s["type"],
+                "spec": s,
+                "depends_on": list(s.get("depends_on", [])),
+                "dependents": dependents[s["id"]],
+                "pending_deps": len(s.get("depends_on", [])),
+                "max_attempts": max(1, int(s.get("retry", {}).get("max_attempts", 1))),
+            }
+            for s in spec["steps"]
+        ]
+        template = options["template"]
+        fields = {
+            "template": template,
+            "template_key": spec["key"],
+            "template_version": getattr(template, "version", None),
+            "spec": spec,
+            "inputs": values,
+            "tenant_id": options["tenant_id"],
+            "user_id": options["user_id"],
+            "correlation_id": options["correlation_id"],
+            "idempotency_key": options["idempotency_key"] or None,
+            "priority": options["priority"],
+            "trigger": options["trigger"],
+            "metadata": options["metadata"] or {},
+            "steps_total": len(spec["steps"]),
+            "started_at": at,
+            "deadline": at + timedelta(seconds=timeout) if timeout else None,
+        }
+        return cls(fields, rows, options["trigger"], sorted(values), timeout)
+
+    def begin(self, run: Run, steps: list[Step], batch: state.Batch) -> None:
+        """In the creating transaction: trace the start, decide the root steps into ``batch``
+        (queued, skipped, expanded: the cascade), and ask for the deadline check after commit."""
+        batch.trace(run.pk, TraceKind.STATE, f"run started ({self.trigger})", data={"inputs_keys": self.input_keys})
+        # bulk_create set the primary keys (PostgreSQL RETURNING): no need to read the roots back
+        roots = [s for s in steps if s.pending_deps == 0]
+        if any(s.pk is None for s in roots):
+            roots = list(Step.objects.filter(run=run, pending_deps=0).order_by("id"))
+        cascade.Cascade(run, batch).decide(roots)
+        if run.deadline:
+            run_id, timeout = run.pk, self.timeout
+            transaction.on_commit(lambda: broker.schedule_deadline(run_id, timeout))
 
 
 def start_runs(spec: dict[str, Any], items: list[dict[str, Any]], *, template: Any = None, **common: Any) -> list[Run]:
@@ -121,31 +155,53 @@ def start_runs(spec: dict[str, Any], items: list[dict[str, Any]], *, template: A
 
     ``items``: per run, ``{"inputs", "correlation_id", "priority", "idempotency_key"}`` (each
     optional); ``common``: the other :func:`start_run` arguments (trigger, tenant_id, user_id).
-    One bad item raises ``WorkflowError`` naming its index and the transaction rolls back: nothing
-    is created (each item's inputs are validated once, by ``start_run``). A run whose idempotency
-    key exists already is returned as it is.
-    Returns the runs in item order.
+    One bad item raises ``WorkflowError`` naming its index and nothing is created. A run whose
+    idempotency key exists already is returned as it is. Returns the runs in item order.
+
+    When no item has an idempotency key and no concurrent-run limit applies to the spec in the
+    tenant (the common case), the runs and their steps are inserted with one statement each,
+    their root steps queued and traced with one more, and their messages sent over one broker
+    connection per priority; otherwise each item goes through :func:`start_run` (admission in
+    priority order, idempotency races) inside the one transaction.
     """
     from templates_app.errors import WorkflowError
 
-    runs: list[Run] = []
-    with transaction.atomic():  # one bad item rolls back the runs started before it
-        for index, item in enumerate(items):
-            try:
-                runs.append(
-                    start_run(
-                        spec,
-                        item.get("inputs") or {},
-                        template=template,
-                        correlation_id=item.get("correlation_id", "") or "",
-                        priority=item.get("priority", 5),
-                        idempotency_key=item.get("idempotency_key") or None,
-                        **common,
-                    )
-                )
-            except WorkflowError as exc:
-                raise WorkflowError(f"runs[{index}]: {exc}") from None
-    return runs
+    options = {
+        "template": template,
+        "trigger": common.get("trigger", TriggerKind.MANUAL),
+        "tenant_id": common.get("tenant_id", "default"),
+        "user_id": common.get("user_id", ""),
+        "metadata": common.get("metadata"),
+    }
+    per_item = [
+        {
+            "correlation_id": item.get("correlation_id", "") or "",
+            "priority": item.get("priority", 5),
+            "idempotency_key": item.get("idempotency_key") or None,
+        }
+        for item in items
+    ]
+    new: list[_NewRun] = []
+    for index, (item, own) in enumerate(zip(items, per_item, strict=True)):
+        try:
+            new.append(_NewRun.build(spec, item.get("inputs") or {}, **options, **own))
+        except WorkflowError as exc:
+            raise WorkflowError(f"runs[{index}]: {exc}") from None
+    keyed = any(own["idempotency_key"] for own in per_item)
+    if keyed or gate.run_limits_apply(options["tenant_id"], spec):
+        with transaction.atomic():  # one bad item rolls back the runs started before it
+            return [
+                start_run(spec, item.get("inputs") or {}, **options, **own)
+                for item, own in zip(items, per_item, strict=True)
+            ]
+    with transaction.atomic():
+        created = state.create_runs([(n.fields, n.rows) for n in new])
+        batches: dict[int, state.Batch] = {}
+        for n, (run, steps) in zip(new, created, strict=True):
+            n.begin(run, steps, batches.setdefault(run.priority, state.Batch()))
+        for priority, batch in sorted(batches.items()):
+            batch.flush(priority=priority)
+    return [run for run, _steps in created]
 
 
 def wake_steps(step_pks: list[int], *, priority: int | None = None) -> None:

@@ -522,32 +522,46 @@ def write_batch(step_pks: list[int], now: datetime, traces: list[Trace]) -> None
         _run(statements)
 
 
-def _insert_values(objs: list[Model]) -> tuple[str, list[Any]]:
-    """A multi-row ``INSERT ... VALUES`` for model instances (of one model): SQL and parameters.
+def _insert_fields(model: type[Model]) -> list[Any]:
+    """The columns an INSERT of ``model`` writes: all but a primary key the database generates."""
+    return [f for f in model._meta.concrete_fields if not (f.primary_key and f.db_returning)]
 
-    Values are prepared as the ORM prepares them (``pre_save``, ``get_db_prep_save``), so Python
-    defaults and new columns are honoured; only the statement building is skipped.
+
+def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, list[Any]]:
+    """A multi-row INSERT for model instances (of one model): SQL and parameters.
+
+    ``INSERT ... SELECT * FROM unnest(%s::type[], ...)``: one array parameter per column, so the
+    SQL text is the same for any number of rows (prepared once) and no row count meets the
+    protocol's 65,535-parameter limit. Values are prepared as the ORM prepares them
+    (``pre_save``, ``get_db_prep_save``), so Python defaults and new columns are honoured. A
+    primary key set in Python (a UUID default) is written; a generated one is returned with
+    ``returning``, in row order (the order Django's own ``unnest`` bulk insert relies on).
     """
     model = type(objs[0])
-    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
-    row_sql = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    params: list[Any] = []
-    for obj in objs:
-        for f in fields:
-            params.append(f.get_db_prep_save(f.pre_save(obj, True), connection))
-    sql = (
-        f"INSERT INTO {model._meta.db_table} ({', '.join(f.column for f in fields)}) "
-        f"VALUES {', '.join([row_sql] * len(objs))}"
-    )
-    return sql, params
+    fields = _insert_fields(model)
+    columns = [[f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in objs] for f in fields]
+    arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+    names = ", ".join(f.column for f in fields)
+    sql = f"INSERT INTO {model._meta.db_table} ({names}) SELECT {names} FROM unnest({arrays}) AS v({names})"
+    if returning:
+        sql += f" RETURNING {model._meta.pk.column}"
+    return sql, columns
 
 
 def insert(objs: Iterable[Model]) -> None:
-    """INSERT model instances (all of one model, primary keys generated) in one statement."""
+    """INSERT model instances (all of one model) in one statement (one round trip). Sets the
+    primary keys the database generates on the instances. Other databases: ``bulk_create``."""
     objs = list(objs)
     if not objs:
         return
+    model = type(objs[0])
     if not is_postgresql():
-        type(objs[0]).objects.bulk_create(objs)
+        model.objects.bulk_create(objs)
         return
-    _run([_insert_values(objs)])
+    returning = model._meta.pk.db_returning
+    rows = _run([_insert_values(objs, returning)])[0]
+    if returning:
+        for obj, (pk,) in zip(objs, rows, strict=True):
+            obj.pk = pk
+    for obj in objs:  # saved, as bulk_create leaves them
+        obj._state.adding, obj._state.db = False, connection.alias

@@ -113,6 +113,16 @@ def create_run(fields: dict[str, Any], step_rows: list[dict[str, Any]]) -> tuple
     return run, steps
 
 
+def create_runs(items: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[tuple[Run, list[Step]]]:
+    """:func:`create_run` for many runs: ``items`` of (Run fields, step rows); one INSERT for the
+    runs and one for all their steps. Returns (run, its steps) per item, in order."""
+    runs = [Run(status=RunStatus.RUNNING, **fields) for fields, _rows in items]
+    sql.insert(runs)
+    per_run = [[Step(run=run, **row) for row in rows] for run, (_fields, rows) in zip(runs, items, strict=True)]
+    sql.insert([step for steps in per_run for step in steps])
+    return list(zip(runs, per_run, strict=True))
+
+
 def append_steps(run_id: Any, step_rows: list[dict[str, Any]]) -> list[Step]:
     """Insert step rows (``pending``) into a running run and count them in ``steps_total``.
 

@@ -16,6 +16,7 @@ engine carries out: "wait this long", "wake these waiting steps" (``[(step pk, p
                                       returns the waiters to wake.
 ``runs_waiting(tenant_id)``           when a run ends: whether runs wait for a run slot.
 ``admit_run(run)``                    in ``start_run``: None, or why the run stays ``pending``.
+``run_limits_apply(tenant_id, spec)`` in ``start_runs``: whether admission has anything to do.
 ``promote(tenant_id, activate)``      admits waiting runs that fit, through ``activate``.
 ``expire_slots(now)``                 in the sweeper: expired slots; returns waiters to wake.
 ==================================== ============================================================
@@ -237,6 +238,13 @@ def runs_waiting(tenant_id: str | None) -> bool:
     from .. import sql
 
     return sql.exists(QueuedRun, {} if tenant_id is None else {"tenant_id": tenant_id})
+
+
+def run_limits_apply(tenant_id: str, spec: dict[str, Any]) -> bool:
+    """Whether a concurrent-run limit (template's, tenant's, or the spec's ``max_active_runs``)
+    applies to runs of ``spec`` in ``tenant_id``: when none does, :func:`admit_run` admits every
+    such run without a lock or a count (the batch path skips it)."""
+    return bool(concurrency.run_limits(tenant_id, spec["key"], spec.get("max_active_runs")))
 
 
 def admit_run(run: Any) -> str | None:
