@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -245,6 +246,70 @@ steps:
     assert steps["maybe"].status == "skipped"
     assert steps["next"].status == "skipped"
     assert run.status == "succeeded"
+
+
+def test_batch_start_lays_out_runs_as_start_run_does(worker):
+    # Given: a spec whose roots are a skipped `when`, a for_each and a plain step, with a deadline
+    from templates_app.spec import load_spec
+
+    spec = load_spec(
+        """
+key: batchy
+timeout: 300
+variables:
+  go: {type: boolean, default: false}
+  items: {type: array, default: [1, 2]}
+steps:
+  - {id: maybe, type: noop, when: "${go}"}
+  - {id: each, type: noop, for_each: "${items}", params: {output: "${item}"}}
+  - {id: plain, type: noop}
+  - {id: after, type: noop, depends_on: [each, plain]}
+""",
+        source="batchy.yaml",
+    )
+    items = [
+        {"inputs": {"items": [i, i + 1]}, "priority": p, "correlation_id": f"c{i}"} for i, p in enumerate([9, 0, 5])
+    ]
+
+    # When: they start through the batch path (no idempotency key, no run limit) and through
+    # start_run one by one
+    batched = engine.start_runs(spec, items)
+    single = [
+        engine.start_run(spec, i["inputs"], priority=i["priority"], correlation_id=i["correlation_id"]) for i in items
+    ]
+
+    # Then: in item order, the same rows, traces and outcome either way
+    assert [r.correlation_id for r in batched] == ["c0", "c1", "c2"]
+    for index, (a, b) in enumerate(zip(batched, single, strict=True)):
+        a, b = wait_for_run(a.pk), wait_for_run(b.pk)
+        assert (
+            (a.status, a.priority, a.steps_total)
+            == (b.status, b.priority, b.steps_total)
+            == ("succeeded", items[index]["priority"], 6)  # 4 steps, 2 map children
+        )
+        assert a.deadline is not None and 299 <= (a.deadline - a.started_at).total_seconds() <= 300
+
+        def layout(run):
+            return sorted(Step.objects.filter(run=run).values_list("step_id", "status", "output"), key=str)
+
+        assert layout(a) == layout(b)
+        assert dict(Step.objects.filter(run=a, parent__isnull=True).values_list("step_id", "status")) == {
+            "maybe": "skipped",
+            "each": "succeeded",
+            "plain": "succeeded",
+            "after": "succeeded",
+        }
+        assert Step.objects.get(run=a, step_id="each").output == [index, index + 1]
+        messages = list(Trace.objects.filter(run=a).order_by("id").values_list("message", flat=True))
+        assert messages[0] == "run started (manual)"
+
+        # the same traces (the map children finish in either order; durations vary)
+        def texts(run):
+            return sorted(
+                re.sub(r"\d+ ms", "N ms", m) for m in Trace.objects.filter(run=run).values_list("message", flat=True)
+            )
+
+        assert texts(a) == texts(b)
 
 
 def test_parallel_step(worker):
