@@ -53,6 +53,12 @@ def start_run(
         priority=priority,
         metadata=metadata,
     )
+    return _start(new)
+
+
+def _start(new: _NewRun) -> Run:
+    """:func:`start_run` for a run already built (inputs validated)."""
+    tenant_id, idempotency_key, trigger = new.fields["tenant_id"], new.fields["idempotency_key"], new.trigger
     if idempotency_key:
         existing = Run.objects.filter(tenant_id=tenant_id, idempotency_key=idempotency_key).first()
         if existing is not None:
@@ -161,8 +167,8 @@ def start_runs(spec: dict[str, Any], items: list[dict[str, Any]], *, template: A
     When no item has an idempotency key and no concurrent-run limit applies to the spec in the
     tenant (the common case), the runs and their steps are inserted with one statement each,
     their root steps queued and traced with one more, and their messages sent over one broker
-    connection per priority; otherwise each item goes through :func:`start_run` (admission in
-    priority order, idempotency races) inside the one transaction.
+    connection per priority; otherwise each item goes the way of :func:`start_run` (admission in
+    priority order, idempotency races) inside the one transaction. Inputs are validated once.
     """
     from templates_app.errors import WorkflowError
 
@@ -189,11 +195,8 @@ def start_runs(spec: dict[str, Any], items: list[dict[str, Any]], *, template: A
             raise WorkflowError(f"runs[{index}]: {exc}") from None
     keyed = any(own["idempotency_key"] for own in per_item)
     if keyed or gate.run_limits_apply(options["tenant_id"], spec):
-        with transaction.atomic():  # one bad item rolls back the runs started before it
-            return [
-                start_run(spec, item.get("inputs") or {}, **options, **own)
-                for item, own in zip(items, per_item, strict=True)
-            ]
+        with transaction.atomic():  # one failing item rolls back the runs started before it
+            return [_start(n) for n in new]
     with transaction.atomic():
         created = state.create_runs([(n.fields, n.rows) for n in new])
         batches: dict[int, state.Batch] = {}
