@@ -71,7 +71,7 @@ def task_snapshot(task_id: Any) -> Snapshot:
     if run_id is not None:
         # one statement: a planning row's status and its plan are read together (two reads let a
         # row be seen succeeded with the plan of before it finished, and its steps placed late)
-        planner = Q(step_id="decompose") | Q(step_id__startswith="replan_")
+        planner = Q(*(Q(step_id__startswith=prefix) for prefix in PLANNERS), _connector=Q.OR)
         rows = list(
             Step.objects.filter(run_id=run_id, parent__isnull=True)
             .order_by("id")
