@@ -144,6 +144,53 @@ class RssSampler:
         self._stop.set()
 
 
+class CpuMeter:
+    """CPU seconds spent during one repetition, split by who spent them: the worker tree under
+    test, PostgreSQL's processes, Redis, and the rest of the machine (this script's polling, the
+    other worker idling, the kernel). Read from ``/proc`` through psutil (user + system time);
+    the machine-wide total is ``psutil.cpu_times()`` (all CPUs, idle and iowait excluded)."""
+
+    GROUPS = ("worker", "postgres", "redis", "rest")
+
+    def __init__(self, worker: subprocess.Popen) -> None:
+        self.worker = psutil.Process(worker.pid)
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(v for k, v in t._asdict().items() if k not in ("idle", "iowait", "guest", "guest_nice"))
+
+    def _by_group(self) -> dict[str, float]:
+        seen: dict[str, float] = {"worker": 0.0, "postgres": 0.0, "redis": 0.0}
+        tree = {p.pid for p in [self.worker, *self.worker.children(recursive=True)]}
+        for proc in psutil.process_iter(["name"]):
+            group = (
+                "worker" if proc.pid in tree
+                else "postgres" if proc.info["name"] == "postgres"
+                else "redis" if (proc.info["name"] or "").startswith("redis-server")
+                else None
+            )  # fmt: skip
+            if group is None:
+                continue
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            seen[group] += t.user + t.system
+        return seen
+
+    def start(self) -> None:
+        self._t0, self._g0 = self._busy(), self._by_group()
+
+    def stop(self) -> dict[str, float]:
+        """Seconds per group since :meth:`start` (postgres backends that exit in between are
+        counted in "rest", as is whatever ran outside the three named groups)."""
+        busy, groups = self._busy() - self._t0, self._by_group()
+        out = {g: max(0.0, groups[g] - self._g0.get(g, 0.0)) for g in ("worker", "postgres", "redis")}
+        out["rest"] = max(0.0, busy - sum(out.values()))
+        return out
+
+
 # --- one repetition -----------------------------------------------------------------------------
 
 
@@ -225,6 +272,8 @@ class Result:
     rss_platform: float = 0.0
     rss_raw: float = 0.0
     embedded: list[float] = field(default_factory=list)
+    cpu_platform: list[dict[str, float]] = field(default_factory=list)  # CpuMeter, one per repetition
+    cpu_raw: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -276,6 +325,21 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(results: list[Result]) -> str:
+    """CPU milliseconds per step (median over repetitions), by process group (CpuMeter)."""
+    groups = CpuMeter.GROUPS
+    head = "| workload | side | total | " + " | ".join(groups) + " |"
+    lines = [head, "|" + "---|" * (3 + len(groups))]
+    for res in results:
+        for side, samples in (("platform", res.cpu_platform), ("raw Celery", res.cpu_raw)):
+            if not samples:
+                continue
+            per = {g: statistics.median(s[g] for s in samples) * 1000 / res.workload.steps for g in groups}
+            cells = " | ".join(f"{per[g]:.2f}" for g in groups)
+            lines.append(f"| {res.workload.name} | {side} | {sum(per.values()):.2f} | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions per workload (default 3)")
@@ -306,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     platform = start_worker("orchestrator_site", settings.CELERY_TASK_DEFAULT_QUEUE, args.concurrency, logs / "p.log")
     raw = start_worker("bench.rawtasks", os.environ["BENCH_RAW_QUEUE"], args.concurrency, logs / "raw.log")
     sampler = RssSampler({"platform": platform, "raw": raw})
+    meters = {"platform": CpuMeter(platform), "raw": CpuMeter(raw)}
     r = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
     results: list[Result] = []
     try:
@@ -329,11 +394,15 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
             for rep in range(args.reps):
                 sampler.label = f"{workload.name}/platform"
+                meters["platform"].start()
                 wall, done = run_platform(workload, spec)
+                res.cpu_platform.append(meters["platform"].stop())
                 assert done == workload.steps + (1 if workload.for_each else 0), (workload.name, done)
                 res.platform.append(wall)
                 sampler.label = f"{workload.name}/raw"
+                meters["raw"].start()
                 res.raw.append(run_raw(workload, r)[0])
+                res.cpu_raw.append(meters["raw"].stop())
                 sampler.label = None
                 truncate()
                 print(
@@ -360,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{args.concurrency} worker processes per side, {args.reps} repetitions, {os.cpu_count()} CPUs")
     print(table(results))
+    print("\nCPU ms per step, by process (worker: the side's worker tree; rest: this script's polling,")
+    print("the other side's idle worker, the kernel):\n")
+    print(cpu_table(results))
     by_name = {res.workload.name: res for res in results}
     if "W5" in by_name and "W5-1k" in by_name:
         growth = statistics.median(by_name["W5"].platform) / statistics.median(by_name["W5-1k"].platform)

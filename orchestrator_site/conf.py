@@ -31,6 +31,9 @@ class Conf:
     countdown_max: float
     inline_steps: int
     inline_seconds: float
+    batch_steps: int
+    batch_spread: int
+    batch_hold: float
     recover_dead_workers: bool
     worker_heartbeat: float
     worker_lost_after: float

@@ -239,6 +239,15 @@ ORCHESTRATOR_COUNTDOWN_MAX = env_float("ORCHESTRATOR_COUNTDOWN_MAX", 60.0)
 #: (0 = off: every step is a message) and not starting one after this many seconds.
 ORCHESTRATOR_INLINE_STEPS = env_int("ORCHESTRATOR_INLINE_STEPS", 100)
 ORCHESTRATOR_INLINE_SECONDS = env_float("ORCHESTRATOR_INLINE_SECONDS", 5.0)
+#: Batched messages (runs.engine.broker.enqueue_steps): when one commit makes many steps ready,
+#: they are sent as messages of up to ORCHESTRATOR_BATCH_STEPS step ids (1 = one message per
+#: step), and never fewer than ORCHESTRATOR_BATCH_SPREAD messages, so a fan-out still reaches
+#: that many workers at once. The worker runs a message's steps one after the other, each with
+#: its own claim and commit, and gives the ones it has not started back to the broker (one
+#: message each) as soon as a step runs longer than ORCHESTRATOR_BATCH_HOLD seconds.
+ORCHESTRATOR_BATCH_STEPS = env_int("ORCHESTRATOR_BATCH_STEPS", 16)
+ORCHESTRATOR_BATCH_SPREAD = env_int("ORCHESTRATOR_BATCH_SPREAD", 8)
+ORCHESTRATOR_BATCH_HOLD = env_float("ORCHESTRATOR_BATCH_HOLD", 0.05)
 #: The sweeper (and a redelivered message) count a running attempt as lost at once when its
 #: worker process, on this host, is gone. Off only where hosts share a hostname but not a pid
 #: namespace; leases recover every lost step anyway.

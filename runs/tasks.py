@@ -40,8 +40,9 @@ def _db_retry_delay(retries: int) -> float:
     reject_on_worker_lost=True,
     max_retries=None,
 )
-def execute_step_task(self, step_pk: int) -> str:
-    """Claim and run step ``step_pk``; a duplicate or late message finds nothing to claim.
+def execute_step_task(self, step_pk: int, more: list[int] | None = None) -> str:
+    """Claim and run step ``step_pk``, then the steps ``more`` of a batched message
+    (runs/engine/broker.py ``batches``); a duplicate or late message finds nothing to claim.
 
     The database unreachable (restart, failover): the broken connection is dropped and the
     message retried later (Celery ``retry``: a new message, then this one is acked). Nothing is
@@ -53,7 +54,7 @@ def execute_step_task(self, step_pk: int) -> str:
     worker = f"{self.request.hostname or 'worker'}:{os.getpid()}"
     try:
         with logctx.scope(task_id=self.request.id):  # the engine binds run, step, tenant, correlation id
-            return engine.execute_step(step_pk, worker=worker, task_id=self.request.id or "")
+            return engine.execute_step(step_pk, worker=worker, task_id=self.request.id or "", more=more or ())
     except (OperationalError, InterfaceError) as exc:
         connections.close_all()
         raise self.retry(exc=exc, countdown=_db_retry_delay(self.request.retries))

@@ -38,6 +38,8 @@ def held_step_ids() -> list[int]:
         args = getattr(request, "args", None) or ()
         if args and isinstance(args[0], int):
             ids.add(args[0])
+        if len(args) > 1 and isinstance(args[1], (list, tuple)):  # a batched message's other steps
+            ids.update(pk for pk in args[1] if isinstance(pk, int))
     return sorted(ids)
 
 

@@ -7,8 +7,11 @@ is here; docs/engine.md says why it is part of the design.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -27,8 +30,9 @@ from .context import build_context
 log = logging.getLogger("orchestrator.engine")
 
 
-def execute_step(step_pk: int, worker: str = "", task_id: str = "") -> str:
-    """Claim, run and record one step. Returns what happened (for logs and tests).
+def execute_step(step_pk: int, worker: str = "", task_id: str = "", more: Iterable[int] = ()) -> str:
+    """Claim, run and record one step, then the steps ``more`` of a batched message. Returns what
+    happened to ``step_pk`` (for logs and tests).
 
     ``task_id`` (the Celery task's id) is kept on the Attempt so that cancelling the run can
     revoke the task.
@@ -41,40 +45,124 @@ def execute_step(step_pk: int, worker: str = "", task_id: str = "") -> str:
     broker (and to more urgent messages) regularly. A step claimed inline whose worker dies is
     recovered like any other: by its lease, or at once when its worker is known dead.
 
+    Batched messages (``more``: broker.batches): each further step is claimed, run and recorded
+    exactly as its own message would be, within the same step and time budget. The ones not
+    started go back to the broker as messages of their own when the budget ends, or as soon as
+    a step of this message runs longer than ``ORCHESTRATOR_BATCH_HOLD`` seconds (:class:`Held`),
+    so a slow step delays the others by at most that long. They are ``queued`` rows all along:
+    a worker that dies holding them is recovered by its heartbeat or the sweeper's re-send.
+
     Returns one of "not-claimed" (already taken, finished or gone: a late duplicate message),
     "cancelled", "throttled", "deferred", "succeeded", "retry", "dead", "failed", "refused" (the
     lease was taken over while the handler ran; its result is discarded).
     """
-    at = state.now()
-    token = uuid.uuid4()
-    # One statement, its own transaction: the conditional claim under a lease, the Attempt row
-    # and the trace (sql.claim_and_begin says why its commit need not wait for the disk). Steps
-    # behind a flow-control gate, or of a run that ended, finish the job in begin().
-    claimed = state.claim(step_pk, token, at, worker, task_id, relaxed=not connection.in_atomic_block)
-    if claimed is None:
-        # A message redelivered after its pool process was killed (reject_on_worker_lost) finds
-        # the step still running under the dead process: recover it now rather than at lease expiry.
-        sweeper.recover_dead_holders([step_pk])
-        return "not-claimed"
-    step, run, begun = claimed
-    if begun:
-        logctx.bind(run_id=run.pk, step_id=step.step_id, tenant=run.tenant_id, correlation_id=run.correlation_id)
-        started: state.Claim | str = state.Claim(step, run, token, at)
-    else:
-        with transaction.atomic():
-            batch = state.Batch()
-            started = attempts.begin(step, run, token, at, worker, task_id, batch)
-            batch.flush()
-    if isinstance(started, str):
-        return started
-    budget_ends = time.monotonic() + conf.inline_seconds
-    followed = 0
-    result, follow = _run_claimed(started, worker, task_id, conf.inline_steps > 0)
-    while follow is not None:
-        followed += 1
+    held = Held(more)
+    budget = _Budget()
+    result = _execute_one(step_pk, worker, task_id, held, budget)
+    while budget.room() and (pk := held.take()) is not None:
+        budget.spend()
+        _execute_one(pk, worker, task_id, held, budget)
+    held.release()  # the budget ended: whatever is left goes back to the broker
+    return result
+
+
+class _Budget:
+    """What one message may still run: ``ORCHESTRATOR_INLINE_STEPS`` steps after its own
+    (continued inline or taken from a batch), none starting later than
+    ``ORCHESTRATOR_INLINE_SECONDS`` after it began."""
+
+    def __init__(self) -> None:
+        self.ends = time.monotonic() + conf.inline_seconds
+        self.started = 0  # steps started after the message's own
+
+    def room(self) -> bool:
+        """Whether another step may start now."""
+        return self.started < conf.inline_steps and time.monotonic() < self.ends
+
+    def spend(self) -> None:
+        self.started += 1
+
+
+class Held:
+    """The step ids of a batched message not started yet, in order.
+
+    ``take`` hands the next one to this worker; ``release`` sends the rest back to the broker as
+    messages of one step each (they are committed ``queued`` rows: any worker may claim them).
+    ``watch`` releases them from a timer thread when the step it wraps runs longer than
+    ``ORCHESTRATOR_BATCH_HOLD`` seconds, so steps of a batch never wait long behind a slow one.
+    ``take`` and ``release`` share a lock: each id is either run here or sent, never both (and a
+    duplicate would find nothing to claim anyway).
+    """
+
+    def __init__(self, step_pks: Iterable[int]) -> None:
+        self._pks = [int(pk) for pk in step_pks]
+        self._lock = threading.Lock()
+        self.priority: int | None = None  # the run's, as the last claimed step's run says
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._pks.pop(0) if self._pks else None
+
+    def release(self) -> None:
+        with self._lock:
+            pks, self._pks = self._pks, []
+        if pks:
+            broker.enqueue_steps(pks, priority=self.priority, batch=False)
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        """Release the held steps if the block lasts longer than ``ORCHESTRATOR_BATCH_HOLD``
+        seconds (at once when that is 0)."""
+        if not self._pks:
+            yield
+            return
+        if conf.batch_hold <= 0:
+            self.release()
+            yield
+            return
+        timer = threading.Timer(conf.batch_hold, self.release)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+def _execute_one(step_pk: int, worker: str, task_id: str, held: Held, budget: _Budget) -> str:
+    """:func:`execute_step` for one step of a message and the steps it continues inline; the
+    message's other steps are watched (``held``) from its claim to the end of each step."""
+    with held.watch():
+        at = state.now()
+        token = uuid.uuid4()
+        # One statement, its own transaction: the conditional claim under a lease, the Attempt
+        # row and the trace (sql.claim_and_begin says why its commit need not wait for the disk).
+        # Steps behind a flow-control gate, or of a run that ended, finish the job in begin().
+        claimed = state.claim(step_pk, token, at, worker, task_id, relaxed=not connection.in_atomic_block)
+        if claimed is None:
+            # A message redelivered after its pool process was killed (reject_on_worker_lost)
+            # finds the step still running under the dead process: recover it now rather than
+            # at lease expiry.
+            sweeper.recover_dead_holders([step_pk])
+            return "not-claimed"
+        step, run, begun = claimed
+        held.priority = run.priority
+        if begun:
+            logctx.bind(run_id=run.pk, step_id=step.step_id, tenant=run.tenant_id, correlation_id=run.correlation_id)
+            started: state.Claim | str = state.Claim(step, run, token, at)
+        else:
+            with transaction.atomic():
+                batch = state.Batch()
+                started = attempts.begin(step, run, token, at, worker, task_id, batch)
+                batch.flush()
+        if isinstance(started, str):
+            return started
+        result, follow = _run_claimed(started, worker, task_id, budget.room())
+    while follow is not None:  # claimed by the completion before: it runs
         metrics.steps_sent(1)  # scheduled too, though continued inline instead of sent
-        more = followed < conf.inline_steps and time.monotonic() < budget_ends
-        _, follow = _run_claimed(follow, worker, task_id, more)
+        budget.spend()
+        with held.watch():
+            _, follow = _run_claimed(follow, worker, task_id, budget.room())
     return result
 
 

@@ -1,0 +1,143 @@
+"""Batched step messages: one message carries several ready steps (runs/engine/broker.py
+``batches``) and one worker runs them one after the other, each with its own claim, Attempt row
+and commit; a slow step gives the rest back to the broker. Runs on PostgreSQL and on SQLite
+(ORCHESTRATOR_TEST_SQLITE=1).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from unittest import mock
+
+import pytest
+
+from runs import engine
+from runs.engine import broker
+from runs.models import Attempt, Step
+from tests.conftest import start
+from tests.flow_support import route_to
+
+FAN_OUT = """
+key: batched
+steps:
+  - id: root
+    type: noop
+%s
+  - id: join
+    type: noop
+    depends_on: [%s]
+"""
+
+
+def fan_out(width: int, child: str = "type: noop") -> str:
+    names = [f"c{i}" for i in range(width)]
+    children = "\n".join(f"  - id: {n}\n    {child}\n    depends_on: [root]" for n in names)
+    return FAN_OUT % (children, ", ".join(names))
+
+
+class Sends:
+    """Records each ``enqueue_steps`` call (step ids, batch flag) instead of sending it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], bool]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, ids, *, countdown=None, priority=None, batch=True) -> None:
+        with self.lock:
+            self.calls.append((list(ids), batch))
+
+
+@pytest.fixture
+def sends():
+    recorder = Sends()
+    with route_to(f"nobody-{uuid.uuid4().hex[:8]}"), mock.patch.object(broker, "enqueue_steps", recorder):
+        yield recorder
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "spread", "expected"),
+    [
+        (10, 16, 8, [2, 2, 1, 1, 1, 1, 1, 1]),
+        (199, 16, 8, [16] * 4 + [15] * 9),
+        (3, 16, 8, [1, 1, 1]),
+        (40, 1, 8, [1] * 40),  # ORCHESTRATOR_BATCH_STEPS=1: one message per step
+        (100, 50, 1, [50, 50]),
+    ],
+)
+def test_batches_keep_order_cap_the_size_and_spread_the_fan_out(count, size, spread, expected):
+    ids = list(range(1, count + 1))
+    groups = broker.batches(ids, size, spread)
+    assert [len(g) for g in groups] == expected
+    assert [pk for g in groups for pk in g] == ids
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batched_message_runs_each_step_with_its_own_claim_and_attempt(sends):
+    # Given a fan-out whose root has finished: its 6 children are ready (as one send)
+    run = start(fan_out(6))
+    sends.calls.clear()  # the root's own message
+    root = Step.objects.get(run=run, step_id="root")
+    assert engine.execute_step(root.pk, task_id="root-task") == "succeeded"
+    children = list(Step.objects.filter(run=run, step_id__startswith="c").order_by("id"))
+    sent = [pk for ids, _ in sends.calls for pk in ids]
+    # the root continued one child inline; the other five were sent after its commit
+    inline = [c for c in children if c.pk not in sent]
+    assert len(inline) == 1 and sorted(sent) == sorted(c.pk for c in children if c not in inline)
+    # When one message carries the other five ...
+    first, *rest = sorted(sent)
+    assert engine.execute_step(first, worker="w:1", task_id="batch-task", more=rest) == "succeeded"
+    # ... each ran once, under its own lease and Attempt row, recorded with the message's task id
+    for pk in [first, *rest]:
+        step = Step.objects.get(pk=pk)
+        assert step.status == "succeeded" and step.attempts == 1 and step.lease_token is None
+        attempt = Attempt.objects.get(step_id=pk)
+        assert (attempt.outcome, attempt.task_id) == ("succeeded", "batch-task")
+    # the last child's completion made the join ready and continued it inline: the run is done
+    run.refresh_from_db()
+    assert run.status == "succeeded"
+    assert Attempt.objects.filter(run=run).count() == 8
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_step_gives_the_rest_of_its_batch_back_to_the_broker(settings, sends):
+    settings.ORCHESTRATOR_BATCH_HOLD = 0.05
+    run = start(fan_out(4, "type: sleep\n    params: {seconds: 0.4}"))
+    sends.calls.clear()
+    root = Step.objects.get(run=run, step_id="root")
+    engine.execute_step(root.pk)
+    children = sorted(pk for ids, _ in sends.calls for pk in ids)
+    inline = Step.objects.filter(run=run, step_id__startswith="c").exclude(pk__in=children).get()
+    assert inline.status == "succeeded"  # the root continued it (0.4 s)
+    sends.calls.clear()
+    first, *rest = children
+    started = time.monotonic()
+    # When the first step of a batch runs longer than ORCHESTRATOR_BATCH_HOLD ...
+    assert engine.execute_step(first, more=rest) == "succeeded"
+    elapsed = time.monotonic() - started
+    # ... the others were given back as messages of their own while it ran, and not run here
+    assert sends.calls == [(rest, False)]
+    assert elapsed < 0.4 * 2
+    assert list(Step.objects.filter(pk__in=rest).values_list("status", flat=True)) == ["queued"] * len(rest)
+    # and each runs from its own message
+    for pk in rest:
+        assert engine.execute_step(pk) == "succeeded"
+    run.refresh_from_db()
+    assert run.status == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_steps_a_batch_did_not_reach_within_the_budget_go_back_as_messages(settings, sends):
+    settings.ORCHESTRATOR_INLINE_STEPS = 2  # the message's own step and two more
+    run = start(fan_out(7))
+    sends.calls.clear()
+    engine.execute_step(Step.objects.get(run=run, step_id="root").pk)
+    children = sorted(pk for ids, _ in sends.calls for pk in ids)
+    sends.calls.clear()
+    first, *rest = children
+    engine.execute_step(first, more=rest)
+    ran = set(Step.objects.filter(pk__in=children, status="succeeded").values_list("pk", flat=True))
+    assert ran == set(children[:3])
+    assert sends.calls == [(children[3:], False)]
+    assert set(Step.objects.filter(pk__in=children[3:]).values_list("status", flat=True)) == {"queued"}
