@@ -520,6 +520,48 @@ steps:
     assert engine.execute_step(step.pk, worker="late") == "not-claimed"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_completion_counts_no_dependent_down(monkeypatch):
+    """The close, its trace and the dependents' decrement are one round trip: a completion whose
+    lease was taken over writes none of them."""
+    import uuid
+
+    from runs.engine import attempts, broker, state
+
+    monkeypatch.setattr(broker, "enqueue_steps", lambda *a, **k: None)  # this test drives the steps
+    run = start(
+        "key: refused-fan-in\nsteps:\n  - {id: a, type: noop}\n  - {id: b, type: noop}\n"
+        "  - {id: join, type: noop, depends_on: [a, b]}\n"
+    )
+
+    def claim(step_id: str) -> tuple[Step, uuid.UUID]:
+        token, at = uuid.uuid4(), state.now()
+        step, run_row, begun = state.claim(
+            Step.objects.get(run=run, step_id=step_id).pk, token, at, "w:1", "t", relaxed=True
+        )
+        if not begun:  # the ORM claim (SQLite) leaves the Attempt row to begin()
+            batch = state.Batch()
+            attempts.begin(step, run_row, token, at, "w:1", "t", batch)
+            batch.flush()
+        return step, token
+
+    a = Step.objects.get(run=run, step_id="a")
+    step, token = claim("a")
+    # Given the lease was taken over while the handler ran ...
+    Step.objects.filter(pk=a.pk).update(lease_token=uuid.uuid4())
+    # ... the completion is refused and nothing of it is written
+    assert attempts.complete(step, token, output={}, resolved={}, duration_ms=1)[0] == "refused"
+    assert Step.objects.get(run=run, step_id="join").pending_deps == 2
+    assert not Trace.objects.filter(step_row=a, message__contains="succeeded").exists()
+    assert Attempt.objects.get(step=a).outcome == AttemptOutcome.REFUSED
+    # while a completion under its lease closes, traces and counts down in one go
+    b = Step.objects.get(run=run, step_id="b")
+    step, token = claim("b")
+    assert attempts.complete(step, token, output={"ok": 1}, resolved={}, duration_ms=1)[0] == "succeeded"
+    assert Step.objects.get(run=run, step_id="join").pending_deps == 1
+    assert Trace.objects.filter(step_row=b, message="step 'b' succeeded in 1 ms").count() == 1
+
+
 def test_sweeper_recovers_expired_lease_and_lost_message(worker, monkeypatch):
     from django.utils import timezone
 

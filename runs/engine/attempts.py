@@ -16,7 +16,7 @@ from orchestrator_site.conf import conf
 
 from ..choices import RUN_TERMINAL, AttemptOutcome, StepStatus, TraceKind
 from ..models import Run, Step, Trace
-from . import append, broker, cascade, gate, lifecycle, sql, state
+from . import append, broker, cascade, gate, lifecycle, state
 
 
 def backoff_delay(retry: dict[str, Any], attempt: int, rng: Any = None) -> float:
@@ -130,21 +130,21 @@ def complete(
     claim one newly ready dependent to run inline (``claim_inline``). With ``continuation`` (an
     ``agents.registry.StepContinuation``), its steps are appended to the run in the same
     transaction (``append.continue_run``). Returns (outcome, claim)."""
+    # appended steps come before the cascade (the run must not look finished), so a
+    # continuation's completion counts its dependents down in the cascade, not in the close
+    decrement = continuation is None and step.parent_id is None and bool(step.dependents)
     with transaction.atomic():
-        # the run's lock, then the step and attempt rows, in one round trip
-        if not state.close_success(step, token, output=output, resolved=resolved, duration_ms=duration_ms):
+        # the run's lock, then the step, attempt and trace rows and the dependents' counters, in
+        # one round trip
+        closed, ready = state.close_success(
+            step, token, output=output, resolved=resolved, duration_ms=duration_ms, decrement=decrement
+        )
+        if not closed:
             return refuse(step, token, duration_ms), None
         batch = state.Batch()
-        batch.trace(
-            step.run_id,
-            TraceKind.STATE,
-            f"step '{step.step_id}' succeeded in {duration_ms} ms",
-            step_pk=step.pk,
-            attempt=step.attempts,
-        )
-        if continuation is not None:  # before the cascade: the run must not look finished
+        if continuation is not None:
             append.continue_run(step, continuation, batch)
-        cascade.Cascade(step.run, batch).finished([step])
+        cascade.Cascade(step.run, batch).finished([step], ready={step.pk: ready} if ready is not None else None)
         lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
         # a fresh time: the decrement may have waited for another completion of a shared
         # dependent, and the inline step must not look started before that one finished
@@ -164,11 +164,10 @@ def claim_inline(batch: state.Batch, at: Any, worker: str, task_id: str) -> stat
     if candidate is None or candidate.pk not in batch.enqueue:
         return None
     batch.enqueue.remove(candidate.pk)
-    pks, batch.queue = batch.queue, []
-    sql.mark_queued(pks, at)
     token = uuid.uuid4()
-    # part of the completion's transaction, whose commit is flushed
-    claimed = state.claim(candidate.pk, token, at, worker, task_id, relaxed=False)
+    # part of the completion's transaction, whose commit is flushed; the steps decided so far
+    # are marked queued and the traces written in the claim's round trip
+    claimed = state.claim(candidate.pk, token, at, worker, task_id, relaxed=False, batch=batch)
     if claimed is None:
         batch.enqueue.append(candidate.pk)  # not claimable after all: its message goes out
         return None

@@ -198,8 +198,11 @@ class Cascade:
         return None
 
     # finishing --------------------------------------------------------------------------
-    def finished(self, steps: list[Step]) -> None:
-        """Propagate steps that just reached a terminal state (already saved)."""
+    def finished(self, steps: list[Step], ready: dict[int, list[Step]] | None = None) -> None:
+        """Propagate steps that just reached a terminal state (already saved). ``ready``: for a
+        step whose dependents were already counted down (``state.close_success``), the ones that
+        reached zero, by step pk."""
+        ready = dict(ready or {})
         queue = list(steps)
         while queue:
             step = queue.pop(0)
@@ -213,7 +216,8 @@ class Cascade:
                 self.leaf_finished = True
                 continue
             # the dependents that reached zero, read by the decrement itself
-            for candidate in sql.decrement_dependents(step):
+            counted = ready.pop(step.pk) if step.pk in ready else sql.decrement_dependents(step)
+            for candidate in counted:
                 if candidate.status == StepStatus.PENDING:
                     outcome = self._decide_one(candidate)
                     if outcome is not None:

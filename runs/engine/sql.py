@@ -281,6 +281,7 @@ def claim_and_begin(
     default_timeout: float,
     grace: float,
     relaxed: bool,
+    writes: tuple[list[int], list[Trace]] = ([], []),
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease, and in the same statement write its Attempt row and trace.
 
@@ -305,8 +306,12 @@ def claim_and_begin(
     says whether they were, else the caller does that part itself (gate, cancellation).
     Returns ``(step, run, begun)`` (the run without its spec), or None when nothing was claimed.
     Other databases: the ORM claim, begun False.
+
+    ``writes``: steps to mark queued and traces to insert first, as :func:`write_batch` (a
+    completion claiming a step it made ready: one round trip for both, pipelined).
     """
     if not is_postgresql():
+        write_batch(writes[0], now, writes[1])
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace)
         return (*claimed, False) if claimed else None
     from ..choices import RUN_TERMINAL
@@ -376,7 +381,7 @@ def claim_and_begin(
         + " FROM c"
     )
     params = claim_params + attempt_params + [terminal] + trace_params + [terminal]
-    rows = _run([(sql, params)])[0]
+    rows = _run([*_batch_statements(writes[0], now, writes[1]), (sql, params)])[-1]
     if not rows:
         return None
     row = rows[0]
@@ -387,16 +392,30 @@ def claim_and_begin(
 
 
 def close_success(
-    step: Step, token: uuid.UUID, *, output_json: str, input_json: str, now: datetime, duration_ms: int
-) -> bool:
-    """Record a successful attempt: step succeeded (output, input), its Attempt row closed.
+    step: Step,
+    token: uuid.UUID,
+    *,
+    output_json: str,
+    input_json: str,
+    now: datetime,
+    duration_ms: int,
+    trace: Trace,
+    decrement: bool,
+) -> tuple[bool, list[Step] | None]:
+    """Record a successful attempt: step succeeded (output, input), its Attempt row closed,
+    ``trace`` inserted, and with ``decrement`` the dependents' counters counted down
+    (:func:`decrement_dependents`).
 
-    Only while the step is still running under ``token``; returns False when the lease was taken
-    over (or the step cancelled) and nothing was written. ``output_json``/``input_json`` are JSON
-    texts (already produced by the caller's JSON round trip).
+    Only while the step is still running under ``token``; returns ``(False, None)`` when the
+    lease was taken over (or the step cancelled) and nothing was written. Else ``(True, ready)``:
+    the dependents that reached zero (whole rows, id order), None without ``decrement``.
+    ``output_json``/``input_json`` are JSON texts (already produced by the caller's JSON round trip).
 
-    The run row is locked first (``FOR NO KEY UPDATE``, in the same round trip): the engine's one
-    lock order, the run before its steps (runs/engine/state.py).
+    One round trip on PostgreSQL, three statements in a pipeline: the run's lock first (``FOR NO
+    KEY UPDATE``: the engine's one lock order, the run before its steps, runs/engine/state.py),
+    then step, attempt and trace in one statement, then the decrement, which acts only when the
+    statement before closed this attempt (its Attempt row, found by lease token, is now
+    ``succeeded``). A completion used to take four round trips for the same writes.
     """
     if not is_postgresql():
         Run.objects.select_for_update(no_key=True).filter(pk=step.run_id).values_list("pk").first()
@@ -409,19 +428,22 @@ def close_success(
             lease_token=None,
             lease_expires_at=None,
         ):
-            return False
+            return False, None
         Attempt.objects.filter(step=step, lease_token=token).update(
             outcome=AttemptOutcome.SUCCEEDED, finished_at=now, duration_ms=duration_ms
         )
-        return True
+        insert([trace])
+        return True, (decrement_dependents(step) if decrement else None)
     lock = f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR NO KEY UPDATE"
+    trace_sql, trace_params = _insert_values([trace])
     sql = (
         f"WITH s AS (UPDATE {Step._meta.db_table} SET status = %s, output = %s::jsonb, input = %s::jsonb, "
         "error = '', finished_at = %s, lease_token = NULL, lease_expires_at = NULL "
         "WHERE id = %s AND status = %s AND lease_token = %s RETURNING id), "
         f"a AS (UPDATE {Attempt._meta.db_table} SET outcome = %s, finished_at = %s, duration_ms = %s "
-        "WHERE step_id = %s AND lease_token = %s AND EXISTS (SELECT 1 FROM s) RETURNING 1) "
-        "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM a)"
+        "WHERE step_id = %s AND lease_token = %s AND EXISTS (SELECT 1 FROM s) RETURNING 1), "
+        f"t AS ({trace_sql} WHERE EXISTS (SELECT 1 FROM s) RETURNING 1) "
+        "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM a), (SELECT count(*) FROM t)"
     )
     params = [
         StepStatus.SUCCEEDED,
@@ -436,10 +458,20 @@ def close_success(
         duration_ms,
         step.pk,
         token,
+        *trace_params,
     ]
-    # the run's lock first, then the step and attempt rows: two statements, one round trip
-    updated, _ = _run([(lock, [step.run_id]), (sql, params)])[1][0]
-    return bool(updated)
+    statements = [(lock, [step.run_id]), (sql, params)]
+    if decrement:
+        closed = (
+            f"EXISTS (SELECT 1 FROM {Attempt._meta.db_table} WHERE step_id = %s AND lease_token = %s AND outcome = %s)",
+            [step.pk, token, AttemptOutcome.SUCCEEDED],
+        )
+        statements.append(_decrement_dependents(step, closed))
+    rows = _run(statements)
+    updated = bool(rows[1][0][0])
+    if not updated:
+        return False, None
+    return True, (_ready(rows[2]) if decrement else None)
 
 
 def decrement_parent(parent_pk: int) -> int:
@@ -476,14 +508,26 @@ def decrement_dependents(step: Step) -> list[Step]:
             )
             ready = [pk for pk, pending in cursor.fetchall() if pending == 0]
         return list(Step.objects.filter(pk__in=ready).order_by("id")) if ready else []
-    fields = _columns(Step)
-    returning = ", ".join(f.column for f in fields)
+    return _ready(_run([_decrement_dependents(step)])[0])
+
+
+def _decrement_dependents(step: Step, only_if: tuple[str, list[Any]] | None = None) -> tuple[str, list[Any]]:
+    """The PostgreSQL statement of :func:`decrement_dependents`; ``only_if``: an extra condition
+    (SQL, params) without which nothing is decremented."""
+    table = Step._meta.db_table
+    guard, guard_params = (f" AND {only_if[0]}", only_if[1]) if only_if else ("", [])
+    returning = ", ".join(f.column for f in _columns(Step))
     sql = (
         f"UPDATE {table} SET pending_deps = pending_deps - 1 WHERE id IN ("
-        f"SELECT id FROM {table} WHERE run_id = %s AND parent_id IS NULL AND step_id = ANY(%s::text[]) "
+        f"SELECT id FROM {table} WHERE run_id = %s AND parent_id IS NULL AND step_id = ANY(%s::text[]){guard} "
         f"ORDER BY id FOR UPDATE) RETURNING {returning}"
     )
-    rows = _run([(sql, [step.run_id, names])])[0]
+    return sql, [step.run_id, list(step.dependents), *guard_params]
+
+
+def _ready(rows: list[tuple[Any, ...]]) -> list[Step]:
+    """The rows a decrement returned that reached zero, as Steps in id order."""
+    fields = _columns(Step)
     pending_index = [f.attname for f in fields].index("pending_deps")
     ready = [_build(Step, fields, row) for row in rows if row[pending_index] == 0]
     ready.sort(key=lambda s: s.pk)
@@ -513,13 +557,18 @@ def write_batch(step_pks: list[int], now: datetime, traces: list[Trace]) -> None
         mark_queued(step_pks, now)
         insert(traces)
         return
+    statements = _batch_statements(step_pks, now, traces)
+    if statements:
+        _run(statements)
+
+
+def _batch_statements(step_pks: list[int], now: datetime, traces: list[Trace]) -> list[tuple[str, list[Any]]]:
     statements = []
     if step_pks:
         statements.append(_mark_queued(step_pks, now))
     if traces:
         statements.append(_insert_values(traces))
-    if statements:
-        _run(statements)
+    return statements
 
 
 def _insert_fields(model: type[Model]) -> list[Any]:

@@ -28,7 +28,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from ..choices import STEP_TERMINAL, AttemptOutcome, RunStatus, StepStatus
+from ..choices import STEP_TERMINAL, AttemptOutcome, RunStatus, StepStatus, TraceKind
 from ..models import Attempt, Run, Step, Trace
 from . import sql
 
@@ -343,13 +343,33 @@ class Claim:
 
 
 def claim(
-    step_pk: int, token: uuid.UUID, at: datetime, worker: str, task_id: str, *, relaxed: bool
+    step_pk: int,
+    token: uuid.UUID,
+    at: datetime,
+    worker: str,
+    task_id: str,
+    *,
+    relaxed: bool,
+    batch: Batch | None = None,
 ) -> tuple[Step, Run, bool] | None:
-    """Claim a step under a lease (``sql.claim_and_begin``); see there for the shape."""
+    """Claim a step under a lease (``sql.claim_and_begin``); see there for the shape. ``batch``:
+    the transaction's steps to mark queued and traces so far are written first, in the claim's
+    round trip (they are taken out of the batch)."""
     from orchestrator_site.conf import conf
 
+    writes: tuple[list[int], list[Trace]] = ([], [])
+    if batch is not None:
+        writes, batch.queue, batch.traces = (batch.queue, batch.traces), [], []
     return sql.claim_and_begin(
-        step_pk, token, at, worker[:200], task_id, conf.default_step_timeout, conf.lease_grace, relaxed=relaxed
+        step_pk,
+        token,
+        at,
+        worker[:200],
+        task_id,
+        conf.default_step_timeout,
+        conf.lease_grace,
+        relaxed=relaxed,
+        writes=writes,
     )
 
 
@@ -424,23 +444,38 @@ def defer(step: Step, token: uuid.UUID, delay: float, *, countdown: bool, reason
     return True
 
 
-def close_success(step: Step, token: uuid.UUID, *, output: Any, resolved: Any, duration_ms: int) -> bool:
-    """``running`` -> ``succeeded`` with its attempt closed, only while the lease is ``token``'s.
+def close_success(
+    step: Step, token: uuid.UUID, *, output: Any, resolved: Any, duration_ms: int, decrement: bool
+) -> tuple[bool, list[Step] | None]:
+    """``running`` -> ``succeeded`` with its attempt closed and its "succeeded" trace written,
+    only while the lease is ``token``'s; with ``decrement``, its dependents counted down too.
 
-    Locks the run first (same round trip). False when the lease was taken over or the step was
-    cancelled; nothing is written then. Updates ``step`` in place.
+    Locks the run first (same round trip: ``sql.close_success``). Returns ``(False, None)`` when
+    the lease was taken over or the step was cancelled (nothing is written then), else ``(True,
+    ready)``: the dependents that reached zero (None without ``decrement``). Updates ``step``.
     """
-    ok = sql.close_success(
+    at = now()
+    trace = Trace(
+        run_id=step.run_id,
+        step_row_id=step.pk,
+        attempt=step.attempts,
+        kind=TraceKind.STATE,
+        message=f"step '{step.step_id}' succeeded in {duration_ms} ms",
+        created_at=at,
+    )
+    ok, ready = sql.close_success(
         step,
         token,
         output_json=json.dumps(output),
         input_json=json.dumps(resolved, default=str),
-        now=now(),
+        now=at,
         duration_ms=duration_ms,
+        trace=trace,
+        decrement=decrement,
     )
     if ok:
         step.status, step.output = StepStatus.SUCCEEDED, output
-    return ok
+    return ok, ready
 
 
 def close_failure(
