@@ -121,6 +121,12 @@ class Cascade:
         if not step.depends_on:
             return None
         rule = step.spec.get("trigger_rule", "all_success")
+        if (
+            rule == "all_success"
+            and not step.spec.get("branch_of")
+            and getattr(step, "upstream_unsucceeded", None) == 0
+        ):
+            return None  # the decrement that made it ready saw every upstream succeeded (sql._ready)
         parents = {dep: self.known[dep] for dep in step.depends_on if dep in self.known}
         missing = [dep for dep in step.depends_on if dep not in parents]
         if missing:

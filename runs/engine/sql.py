@@ -516,20 +516,35 @@ def _decrement_dependents(step: Step, only_if: tuple[str, list[Any]] | None = No
     (SQL, params) without which nothing is decremented."""
     table = Step._meta.db_table
     guard, guard_params = (f" AND {only_if[0]}", only_if[1]) if only_if else ("", [])
-    returning = ", ".join(f.column for f in _columns(Step))
+    returning = ", ".join(f"{table}.{f.column}" for f in _columns(Step))
+    # for a step that reached zero, how many of its upstream steps are not succeeded (as this
+    # statement's snapshot sees them): 0 lets the cascade's all_success check skip its read
+    unsucceeded = (
+        f"CASE WHEN {table}.pending_deps = 0 THEN (SELECT count(*) FROM {table} d WHERE d.run_id = {table}.run_id "
+        f"AND d.parent_id IS NULL AND d.step_id IN (SELECT jsonb_array_elements_text({table}.depends_on)) "
+        "AND d.status <> %s) END"
+    )
     sql = (
         f"UPDATE {table} SET pending_deps = pending_deps - 1 WHERE id IN ("
         f"SELECT id FROM {table} WHERE run_id = %s AND parent_id IS NULL AND step_id = ANY(%s::text[]){guard} "
-        f"ORDER BY id FOR UPDATE) RETURNING {returning}"
+        f"ORDER BY id FOR UPDATE) RETURNING {returning}, {unsucceeded}"
     )
-    return sql, [step.run_id, list(step.dependents), *guard_params]
+    return sql, [step.run_id, list(step.dependents), *guard_params, StepStatus.SUCCEEDED]
 
 
 def _ready(rows: list[tuple[Any, ...]]) -> list[Step]:
-    """The rows a decrement returned that reached zero, as Steps in id order."""
+    """The rows a decrement returned that reached zero, as Steps in id order, each annotated
+    with ``upstream_unsucceeded`` (its upstream steps not succeeded, as the decrement saw them;
+    the attribute is absent on steps read otherwise, e.g. on SQLite)."""
     fields = _columns(Step)
     pending_index = [f.attname for f in fields].index("pending_deps")
-    ready = [_build(Step, fields, row) for row in rows if row[pending_index] == 0]
+    ready = []
+    for row in rows:
+        if row[pending_index] != 0:
+            continue
+        step = _build(Step, fields, row[: len(fields)])
+        step.upstream_unsucceeded = row[len(fields)]
+        ready.append(step)
     ready.sort(key=lambda s: s.pk)
     return ready
 
