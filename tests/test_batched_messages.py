@@ -14,8 +14,8 @@ from unittest import mock
 import pytest
 
 from runs import engine
-from runs.engine import broker
-from runs.models import Attempt, Step
+from runs.engine import attempts, broker, state
+from runs.models import Attempt, Step, Trace
 from tests.conftest import start
 from tests.flow_support import route_to
 
@@ -74,7 +74,8 @@ def test_batches_keep_order_cap_the_size_and_spread_the_fan_out(count, size, spr
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_batched_message_runs_each_step_with_its_own_claim_and_attempt(sends):
+def test_a_batched_message_runs_each_step_with_its_own_claim_and_attempt(settings, sends):
+    settings.ORCHESTRATOR_BATCH_HOLD = 5.0  # no step here is slow: one group, however slow the machine
     # Given a fan-out whose root has finished: its 6 children are ready (as one send)
     run = start(fan_out(6))
     sends.calls.clear()  # the root's own message
@@ -94,10 +95,40 @@ def test_a_batched_message_runs_each_step_with_its_own_claim_and_attempt(sends):
         assert step.status == "succeeded" and step.attempts == 1 and step.lease_token is None
         attempt = Attempt.objects.get(step_id=pk)
         assert (attempt.outcome, attempt.task_id) == ("succeeded", "batch-task")
-    # the last child's completion made the join ready and continued it inline: the run is done
+    # their successes were recorded together: one transaction (one time), one flushed commit
+    closed = {a.finished_at for a in Attempt.objects.filter(step_id__in=[first, *rest])}
+    assert len(closed) == 1
+    # which made the join ready and continued it inline: the run is done
     run.refresh_from_db()
     assert run.status == "succeeded"
     assert Attempt.objects.filter(run=run).count() == 8
+    assert Trace.objects.filter(run=run, message__contains="succeeded in").count() == 8
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_group_commit_refuses_only_the_success_whose_lease_was_taken_over(sends):
+    run = start(fan_out(4))  # the root continues one child inline and sends the other three
+    engine.execute_step(Step.objects.get(run=run, step_id="root").pk, worker="w:1", task_id="t")
+    children = sorted(pk for ids, _ in sends.calls for pk in ids if pk != run.steps.get(step_id="root").pk)
+    successes = []
+    for pk in children:
+        token, at = uuid.uuid4(), state.now()
+        step, run_row, begun = state.claim(pk, token, at, "w:1", "t", relaxed=True)
+        if not begun:  # the ORM claim (SQLite) leaves the Attempt row to begin()
+            batch = state.Batch()
+            attempts.begin(step, run_row, token, at, "w:1", "t", batch)
+            batch.flush()
+        successes.append(state.Success(step, token, {"n": pk}, {}, 1))
+    # Given the second one's lease was taken over while it ran ...
+    Step.objects.filter(pk=children[1]).update(lease_token=uuid.uuid4())
+    # ... recording the three together refuses it alone
+    results, _claim = attempts.complete_many(successes)
+    assert results == ["succeeded", "refused", "succeeded"]
+    assert [Step.objects.get(pk=pk).status for pk in children] == ["succeeded", "running", "succeeded"]
+    assert Attempt.objects.get(step_id=children[1]).outcome == "refused"
+    assert not Trace.objects.filter(step_row_id=children[1], message__contains="succeeded").exists()
+    # the join counts the two that succeeded, plus the child the root continued inline
+    assert Step.objects.get(run=run, step_id="join").pending_deps == 1
 
 
 @pytest.mark.django_db(transaction=True)

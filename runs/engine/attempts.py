@@ -126,31 +126,55 @@ def complete(
     follow: tuple[str, str] | None = None,
     continuation: Any = None,
 ) -> tuple[str, state.Claim | None]:
-    """Record a successful attempt and propagate it; with ``follow`` = (worker, task id), also
-    claim one newly ready dependent to run inline (``claim_inline``). With ``continuation`` (an
-    ``agents.registry.StepContinuation``), its steps are appended to the run in the same
-    transaction (``append.continue_run``). Returns (outcome, claim)."""
-    # appended steps come before the cascade (the run must not look finished), so a
-    # continuation's completion counts its dependents down in the cascade, not in the close
-    decrement = continuation is None and step.parent_id is None and bool(step.dependents)
+    """Record a successful attempt and propagate it (:func:`complete_many` with one success).
+    Returns (outcome, claim): "succeeded", or "refused" when its lease was taken over."""
+    success = state.Success(step, token, output, resolved, duration_ms)
+    results, next_claim = complete_many([success], follow=follow, continuation=continuation)
+    return results[0], next_claim
+
+
+def complete_many(
+    successes: list[state.Success], *, follow: tuple[str, str] | None = None, continuation: Any = None
+) -> tuple[list[str], state.Claim | None]:
+    """Record successful attempts of steps of one run in one transaction (one flushed commit)
+    and propagate them.
+
+    With ``follow`` = (worker, task id), also claim one newly ready dependent to run inline
+    (``claim_inline``). With ``continuation`` (an ``agents.registry.StepContinuation``, for a
+    single success), its steps are appended to the run in the same transaction
+    (``append.continue_run``). Returns the outcome of each success in order ("succeeded", or
+    "refused": its lease was taken over and nothing of it was written) and the inline claim.
+    """
+    run = successes[0].step.run
     with transaction.atomic():
-        # the run's lock, then the step, attempt and trace rows and the dependents' counters, in
-        # one round trip
-        closed, ready = state.close_success(
-            step, token, output=output, resolved=resolved, duration_ms=duration_ms, decrement=decrement
-        )
-        if not closed:
-            return refuse(step, token, duration_ms), None
+        # the run's lock, then each step's, attempt's and trace's rows and its dependents'
+        # counters, in one round trip; appended steps come before the cascade (the run must not
+        # look finished), so a continuation's completion counts its dependents down there
+        items = [(s, continuation is None and s.step.parent_id is None and bool(s.step.dependents)) for s in successes]
+        results: list[str] = []
+        done: list[Step] = []
+        ready_by: dict[int, list[Step]] = {}
+        for success, (closed, ready) in zip(successes, state.close_successes(run.pk, items), strict=True):
+            if not closed:
+                results.append(refuse(success.step, success.token, success.duration_ms))
+                continue
+            results.append("succeeded")
+            done.append(success.step)
+            if ready is not None:
+                ready_by[success.step.pk] = ready
+        if not done:
+            return results, None
         batch = state.Batch()
         if continuation is not None:
-            append.continue_run(step, continuation, batch)
-        cascade.Cascade(step.run, batch).finished([step], ready={step.pk: ready} if ready is not None else None)
-        lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
+            append.continue_run(done[0], continuation, batch)
+        cascade.Cascade(run, batch).finished(done, ready=ready_by)
+        for step in done:
+            lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
         # a fresh time: the decrement may have waited for another completion of a shared
         # dependent, and the inline step must not look started before that one finished
         next_claim = claim_inline(batch, state.now(), *follow) if follow is not None else None
-        batch.flush(priority=step.run.priority)
-    return "succeeded", next_claim
+        batch.flush(priority=run.priority)
+    return results, next_claim
 
 
 def claim_inline(batch: state.Batch, at: Any, worker: str, task_id: str) -> state.Claim | None:

@@ -10,6 +10,7 @@ caller's transaction, which holds the run's lock (runs/engine/state.py); the wri
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -206,14 +207,19 @@ class Cascade:
     # finishing --------------------------------------------------------------------------
     def finished(self, steps: list[Step], ready: dict[int, list[Step]] | None = None) -> None:
         """Propagate steps that just reached a terminal state (already saved). ``ready``: for a
-        step whose dependents were already counted down (``state.close_success``), the ones that
+        step whose dependents were already counted down (``state.close_successes``), the ones that
         reached zero, by step pk."""
         ready = dict(ready or {})
         queue = list(steps)
+        # map children finishing together count their parent down once, by how many they are
+        counts = Counter(step.parent_id for step in steps if step.parent_id is not None)
+        given = {id(step) for step in steps}
         while queue:
             step = queue.pop(0)
             if step.parent_id is not None:
-                parent_done = self._child_finished(step)
+                # 0: a sibling given with it counted it already
+                count = counts.pop(step.parent_id, 0) if id(step) in given else 1
+                parent_done = self._child_finished(step, count) if count else None
                 if parent_done is not None:
                     queue.append(parent_done)
                 continue
@@ -231,9 +237,10 @@ class Cascade:
         if self.leaf_finished:
             maybe_finish_run(self.run, self.batch)
 
-    def _child_finished(self, child: Step) -> Step | None:
-        """Count a map child down on its parent; finish the parent when it was the last one."""
-        if sql.decrement_parent(child.parent_id) != 0:
+    def _child_finished(self, child: Step, count: int = 1) -> Step | None:
+        """Count ``count`` map children (``child`` and its siblings finished with it) down on
+        their parent; finish the parent when they were the last ones."""
+        if sql.decrement_parent(child.parent_id, count) != 0:
             return None
         return self.join(Step.objects.get(pk=child.parent_id))
 

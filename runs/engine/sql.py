@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import F, Model, Q
+from django.db.models import DateTimeField, F, Model, Q
 
 from ..choices import AttemptOutcome, StepStatus
 from ..models import Attempt, Run, Step, Trace
@@ -44,7 +45,8 @@ from ..models import Attempt, Run, Step, Trace
 __all__ = [
     "RUN_LOCK_FIELDS",
     "claim_and_begin",
-    "close_success",
+    "Close",
+    "close_successes",
     "decrement_dependents",
     "decrement_parent",
     "exists",
@@ -391,51 +393,67 @@ def claim_and_begin(
     return step, run, bool(row[len(step_fields) + len(run_fields)])
 
 
-def close_success(
-    step: Step,
-    token: uuid.UUID,
-    *,
-    output_json: str,
-    input_json: str,
-    now: datetime,
-    duration_ms: int,
-    trace: Trace,
-    decrement: bool,
-) -> tuple[bool, list[Step] | None]:
-    """Record a successful attempt: step succeeded (output, input), its Attempt row closed,
-    ``trace`` inserted, and with ``decrement`` the dependents' counters counted down
-    (:func:`decrement_dependents`).
+@dataclass
+class Close:
+    """One successful attempt to record (:func:`close_successes`): ``output_json``/``input_json``
+    are JSON texts (already produced by the caller's JSON round trip), ``duration_ms`` in ms,
+    ``trace`` its "succeeded" trace, ``decrement``: count its dependents down too."""
 
-    Only while the step is still running under ``token``; returns ``(False, None)`` when the
-    lease was taken over (or the step cancelled) and nothing was written. Else ``(True, ready)``:
-    the dependents that reached zero (whole rows, id order), None without ``decrement``.
-    ``output_json``/``input_json`` are JSON texts (already produced by the caller's JSON round trip).
+    step: Step
+    token: uuid.UUID
+    output_json: str
+    input_json: str
+    duration_ms: int
+    trace: Trace
+    decrement: bool
 
-    One round trip on PostgreSQL, three statements in a pipeline: the run's lock first (``FOR NO
-    KEY UPDATE``: the engine's one lock order, the run before its steps, runs/engine/state.py),
-    then step, attempt and trace in one statement, then the decrement, which acts only when the
-    statement before closed this attempt (its Attempt row, found by lease token, is now
-    ``succeeded``). A completion used to take four round trips for the same writes.
+
+def close_successes(run_id: Any, closes: Sequence[Close], now: datetime) -> list[tuple[bool, list[Step] | None]]:
+    """Record successful attempts of steps of run ``run_id``: each step succeeded (output,
+    input), its Attempt row closed, its trace inserted, and with ``decrement`` its dependents'
+    counters counted down (:func:`decrement_dependents`).
+
+    Each only while its step is still running under its lease token; per item, in order,
+    ``(False, None)`` when the lease was taken over (or the step cancelled) and nothing of it was
+    written, else ``(True, ready)``: the dependents that reached zero (whole rows, id order), None
+    without ``decrement``.
+
+    One round trip on PostgreSQL, in a pipeline: the run's lock first (``FOR NO KEY UPDATE``: the
+    engine's one lock order, the run before its steps, runs/engine/state.py), then per item step,
+    attempt and trace in one statement, then the decrement, which acts only when the statement
+    before closed this attempt (its Attempt row, found by lease token, is now ``succeeded``). A
+    completion used to take four round trips for the same writes; a group of completions
+    (worker.Group) shares the lock, the round trip and the commit.
     """
     if not is_postgresql():
-        Run.objects.select_for_update(no_key=True).filter(pk=step.run_id).values_list("pk").first()
-        if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=token).update(
-            status=StepStatus.SUCCEEDED,
-            output=json.loads(output_json),
-            input=json.loads(input_json),
-            error="",
-            finished_at=now,
-            lease_token=None,
-            lease_expires_at=None,
-        ):
-            return False, None
-        Attempt.objects.filter(step=step, lease_token=token).update(
-            outcome=AttemptOutcome.SUCCEEDED, finished_at=now, duration_ms=duration_ms
-        )
-        insert([trace])
-        return True, (decrement_dependents(step) if decrement else None)
+        Run.objects.select_for_update(no_key=True).filter(pk=run_id).values_list("pk").first()
+        return [_close_orm(close, now) for close in closes]
     lock = f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR NO KEY UPDATE"
-    trace_sql, trace_params = _insert_values([trace])
+    statements: list[tuple[str, Sequence[Any]]] = [(lock, [run_id])]
+    where: list[tuple[int, int | None]] = []  # per item: index of its close, of its decrement
+    for close in closes:
+        statements.append(_close_statement(close, now))
+        at = len(statements) - 1
+        if close.decrement:
+            closed = (
+                f"EXISTS (SELECT 1 FROM {Attempt._meta.db_table} WHERE step_id = %s AND lease_token = %s "
+                "AND outcome = %s)",
+                [close.step.pk, close.token, AttemptOutcome.SUCCEEDED],
+            )
+            statements.append(_decrement_dependents(close.step, closed))
+        where.append((at, len(statements) - 1 if close.decrement else None))
+    rows = _run(statements)
+    out: list[tuple[bool, list[Step] | None]] = []
+    for at, decremented in where:
+        if not rows[at][0][0]:
+            out.append((False, None))
+        else:
+            out.append((True, _ready(rows[decremented]) if decremented is not None else None))
+    return out
+
+
+def _close_statement(close: Close, now: datetime) -> tuple[str, list[Any]]:
+    trace_sql, trace_params = _insert_values([close.trace])
     sql = (
         f"WITH s AS (UPDATE {Step._meta.db_table} SET status = %s, output = %s::jsonb, input = %s::jsonb, "
         "error = '', finished_at = %s, lease_token = NULL, lease_expires_at = NULL "
@@ -445,47 +463,47 @@ def close_success(
         f"t AS ({trace_sql} WHERE EXISTS (SELECT 1 FROM s) RETURNING 1) "
         "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM a), (SELECT count(*) FROM t)"
     )
+    step, token = close.step, close.token
     params = [
-        StepStatus.SUCCEEDED,
-        output_json,
-        input_json,
-        now,
-        step.pk,
-        StepStatus.RUNNING,
-        token,
-        AttemptOutcome.SUCCEEDED,
-        now,
-        duration_ms,
-        step.pk,
-        token,
-        *trace_params,
-    ]
-    statements = [(lock, [step.run_id]), (sql, params)]
-    if decrement:
-        closed = (
-            f"EXISTS (SELECT 1 FROM {Attempt._meta.db_table} WHERE step_id = %s AND lease_token = %s AND outcome = %s)",
-            [step.pk, token, AttemptOutcome.SUCCEEDED],
-        )
-        statements.append(_decrement_dependents(step, closed))
-    rows = _run(statements)
-    updated = bool(rows[1][0][0])
-    if not updated:
+        StepStatus.SUCCEEDED, close.output_json, close.input_json, now, step.pk, StepStatus.RUNNING, token,
+        AttemptOutcome.SUCCEEDED, now, close.duration_ms, step.pk, token, *trace_params,
+    ]  # fmt: skip
+    return sql, params
+
+
+def _close_orm(close: Close, now: datetime) -> tuple[bool, list[Step] | None]:
+    """:func:`close_successes` for one item, with the ORM (the caller holds the run's lock)."""
+    step = close.step
+    if not Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING, lease_token=close.token).update(
+        status=StepStatus.SUCCEEDED,
+        output=json.loads(close.output_json),
+        input=json.loads(close.input_json),
+        error="",
+        finished_at=now,
+        lease_token=None,
+        lease_expires_at=None,
+    ):
         return False, None
-    return True, (_ready(rows[2]) if decrement else None)
+    Attempt.objects.filter(step=step, lease_token=close.token).update(
+        outcome=AttemptOutcome.SUCCEEDED, finished_at=now, duration_ms=close.duration_ms
+    )
+    insert([close.trace])
+    return True, (decrement_dependents(step) if close.decrement else None)
 
 
-def decrement_parent(parent_pk: int) -> int:
-    """Decrement a map parent's ``pending_children``; return the new count (-1: no such row)."""
+def decrement_parent(parent_pk: int, count: int = 1) -> int:
+    """Decrement a map parent's ``pending_children`` by ``count`` (children that finished in the
+    same transaction); return the new count (-1: no such row)."""
     sql = (
-        f"UPDATE {Step._meta.db_table} SET pending_children = pending_children - 1 "
+        f"UPDATE {Step._meta.db_table} SET pending_children = pending_children - %s "
         "WHERE id = %s RETURNING pending_children"
     )
     if not is_postgresql():
         with connection.cursor() as cursor:
-            cursor.execute(sql, [parent_pk])
+            cursor.execute(sql, [count, parent_pk])
             row = cursor.fetchone()
         return row[0] if row else -1
-    rows = _run([(sql, [parent_pk])])[0]
+    rows = _run([(sql, [count, parent_pk])])[0]
     return rows[0][0] if rows else -1
 
 
@@ -591,6 +609,16 @@ def _insert_fields(model: type[Model]) -> list[Any]:
     return [f for f in model._meta.concrete_fields if not (f.primary_key and f.db_returning)]
 
 
+def _prep_save(field: Any, obj: Model) -> Any:
+    """``field.get_db_prep_save(field.pre_save(obj, True))``, which on PostgreSQL leaves a
+    timestamp that is None or aware as it is: that case is answered here without the call
+    (Django's field preparation was a fifth of the time of inserting 1,000 runs)."""
+    value = field.pre_save(obj, True)
+    if isinstance(field, DateTimeField) and (value is None or (isinstance(value, datetime) and value.tzinfo)):
+        return value
+    return field.get_db_prep_save(value, connection)
+
+
 def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, list[Any]]:
     """A multi-row INSERT for model instances (of one model): SQL and parameters.
 
@@ -603,8 +631,10 @@ def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, lis
     """
     model = type(objs[0])
     fields = _insert_fields(model)
-    columns = [[f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in objs] for f in fields]
-    arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+    columns = [[_prep_save(f, obj) for obj in objs] for f in fields]
+    # binary parameters: psycopg's text array dumper escapes every element with a regex, which
+    # was most of the client's time inserting 1,000 runs (1.73 s -> 1.31 s)
+    arrays = ", ".join(f"%b::{f.db_type(connection)}[]" for f in fields)
     names = ", ".join(f.column for f in fields)
     sql = f"INSERT INTO {model._meta.db_table} ({names}) SELECT {names} FROM unnest({arrays}) AS v({names})"
     if returning:

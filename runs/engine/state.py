@@ -444,38 +444,54 @@ def defer(step: Step, token: uuid.UUID, delay: float, *, countdown: bool, reason
     return True
 
 
-def close_success(
-    step: Step, token: uuid.UUID, *, output: Any, resolved: Any, duration_ms: int, decrement: bool
-) -> tuple[bool, list[Step] | None]:
-    """``running`` -> ``succeeded`` with its attempt closed and its "succeeded" trace written,
-    only while the lease is ``token``'s; with ``decrement``, its dependents counted down too.
+@dataclass
+class Success:
+    """A successful attempt to record: the claimed ``step`` and its lease ``token``, the
+    handler's ``output`` and the rendered params (``resolved``), both JSON-safe, and its
+    duration in ms."""
 
-    Locks the run first (same round trip: ``sql.close_success``). Returns ``(False, None)`` when
-    the lease was taken over or the step was cancelled (nothing is written then), else ``(True,
-    ready)``: the dependents that reached zero (None without ``decrement``). Updates ``step``.
+    step: Step
+    token: uuid.UUID
+    output: Any
+    resolved: Any
+    duration_ms: int
+
+
+def close_successes(run_id: Any, items: list[tuple[Success, bool]]) -> list[tuple[bool, list[Step] | None]]:
+    """Each ``(success, decrement)``: ``running`` -> ``succeeded`` with its attempt closed and
+    its "succeeded" trace written, only while the lease is the success's token; with
+    ``decrement``, its dependents counted down too. All steps are of run ``run_id``.
+
+    Locks the run first (same round trip: ``sql.close_successes``). Per item, ``(False, None)``
+    when the lease was taken over or the step was cancelled (nothing of it is written), else
+    ``(True, ready)``: the dependents that reached zero (None without ``decrement``). Updates
+    each closed step in place.
     """
     at = now()
-    trace = Trace(
-        run_id=step.run_id,
-        step_row_id=step.pk,
-        attempt=step.attempts,
-        kind=TraceKind.STATE,
-        message=f"step '{step.step_id}' succeeded in {duration_ms} ms",
-        created_at=at,
-    )
-    ok, ready = sql.close_success(
-        step,
-        token,
-        output_json=json.dumps(output),
-        input_json=json.dumps(resolved, default=str),
-        now=at,
-        duration_ms=duration_ms,
-        trace=trace,
-        decrement=decrement,
-    )
-    if ok:
-        step.status, step.output = StepStatus.SUCCEEDED, output
-    return ok, ready
+    closes = [
+        sql.Close(
+            step=success.step,
+            token=success.token,
+            output_json=json.dumps(success.output),
+            input_json=json.dumps(success.resolved, default=str),
+            duration_ms=success.duration_ms,
+            trace=Trace(
+                run_id=run_id,
+                step_row_id=success.step.pk,
+                attempt=success.step.attempts,
+                kind=TraceKind.STATE,
+                message=f"step '{success.step.step_id}' succeeded in {success.duration_ms} ms",
+                created_at=at,
+            ),
+            decrement=decrement,
+        )
+        for success, decrement in items
+    ]
+    results = sql.close_successes(run_id, closes, at)
+    for (success, _), (ok, _ready) in zip(items, results, strict=True):
+        if ok:
+            success.step.status, success.step.output = StepStatus.SUCCEEDED, success.output
+    return results
 
 
 def close_failure(

@@ -24,7 +24,7 @@ from templates_app.errors import ExpressionError, WorkflowError
 from .. import metrics
 from ..choices import AttemptOutcome, TraceKind
 from ..models import Attempt, Run, Step, Trace
-from . import append, attempts, broker, cascade, sql, state, sweeper
+from . import append, attempts, broker, cascade, gate, sql, state, sweeper
 from .context import build_context
 
 log = logging.getLogger("orchestrator.engine")
@@ -50,7 +50,8 @@ def execute_step(step_pk: int, worker: str = "", task_id: str = "", more: Iterab
     started go back to the broker as messages of their own when the budget ends, or as soon as
     a step of this message runs longer than ``ORCHESTRATOR_BATCH_HOLD`` seconds (:class:`Held`),
     so a slow step delays the others by at most that long. They are ``queued`` rows all along:
-    a worker that dies holding them is recovered by its heartbeat or the sweeper's re-send.
+    a worker that dies holding them is recovered by its heartbeat or the sweeper's re-send. The
+    successes of a batched message's steps are recorded together (group commit, :class:`Group`).
 
     Returns one of "not-claimed" (already taken, finished or gone: a late duplicate message),
     "cancelled", "throttled", "deferred", "succeeded", "retry", "dead", "failed", "refused" (the
@@ -58,11 +59,16 @@ def execute_step(step_pk: int, worker: str = "", task_id: str = "", more: Iterab
     """
     held = Held(more)
     budget = _Budget()
-    result = _execute_one(step_pk, worker, task_id, held, budget)
+    group = Group() if held.holds() else None
+    result = _execute_one(step_pk, worker, task_id, held, budget, group)
     while budget.room() and (pk := held.take()) is not None:
         budget.spend()
-        _execute_one(pk, worker, task_id, held, budget)
+        if group is not None and group.due():
+            _follow(group.flush(follow=(worker, task_id) if budget.room() else None), worker, task_id, held, budget)
+        _execute_one(pk, worker, task_id, held, budget, group)
     held.release()  # the budget ended: whatever is left goes back to the broker
+    if group is not None:
+        _follow(group.flush(follow=(worker, task_id) if budget.room() else None), worker, task_id, held, budget)
     return result
 
 
@@ -99,6 +105,11 @@ class Held:
         self._lock = threading.Lock()
         self.priority: int | None = None  # the run's, as the last claimed step's run says
 
+    def holds(self) -> bool:
+        """Whether any step is still held."""
+        with self._lock:
+            return bool(self._pks)
+
     def take(self) -> int | None:
         with self._lock:
             return self._pks.pop(0) if self._pks else None
@@ -129,7 +140,7 @@ class Held:
             timer.cancel()
 
 
-def _execute_one(step_pk: int, worker: str, task_id: str, held: Held, budget: _Budget) -> str:
+def _execute_one(step_pk: int, worker: str, task_id: str, held: Held, budget: _Budget, group: Group | None) -> str:
     """:func:`execute_step` for one step of a message and the steps it continues inline; the
     message's other steps are watched (``held``) from its claim to the end of each step."""
     with held.watch():
@@ -157,13 +168,83 @@ def _execute_one(step_pk: int, worker: str, task_id: str, held: Held, budget: _B
                 batch.flush()
         if isinstance(started, str):
             return started
-        result, follow = _run_claimed(started, worker, task_id, budget.room())
-    while follow is not None:  # claimed by the completion before: it runs
+        result, follow = _run_claimed(started, worker, task_id, budget.room(), group)
+    _follow(follow, worker, task_id, held, budget)
+    return result
+
+
+def _follow(follow: state.Claim | None, worker: str, task_id: str, held: Held, budget: _Budget) -> None:
+    """Run the steps continued inline, each claimed by the completion of the one before."""
+    while follow is not None:
         metrics.steps_sent(1)  # scheduled too, though continued inline instead of sent
         budget.spend()
         with held.watch():
             _, follow = _run_claimed(follow, worker, task_id, budget.room())
-    return result
+
+
+class Group:
+    """Successful attempts of a batched message's steps, recorded together: one transaction and
+    one flushed commit for up to ``ORCHESTRATOR_BATCH_STEPS`` of them (group commit;
+    ``attempts.complete_many``), instead of one each.
+
+    Only plain successes wait here (no appended steps, no flow-control slot to give back), and
+    only successes of one run (one run lock per commit; :meth:`accepts`). :func:`execute_step` records
+    them before the next step when the oldest has waited ``ORCHESTRATOR_BATCH_HOLD`` seconds or
+    the group is full, and when the message ends. Until then the steps stay ``running`` under
+    their leases, so a worker that dies meanwhile loses only attempts that are then recovered
+    like any attempt of a dead worker (run again), and a late record is refused as always. A
+    waiting success can wait longer when the step after it is slow: at most that step's run.
+    """
+
+    def __init__(self) -> None:
+        self.successes: list[state.Success] = []
+        self.since = 0.0  # monotonic seconds when the oldest waiting success was added
+        self.mixed = False
+
+    def accepts(self, step: Step, continuation: Any) -> bool:
+        """Whether ``step``'s success (with no ``continuation``) may wait here. Not once the
+        message has shown steps of two runs (a batch of many runs' first steps): each of those
+        is recorded at once and continues its own run inline, as without a group."""
+        if continuation is not None or gate.gated(step.spec) or self.mixed:
+            return False
+        if self.successes and self.successes[0].step.run_id != step.run_id:
+            self.mixed = True  # the waiting ones are recorded before the next step (due)
+            return False
+        return True
+
+    def add(self, success: state.Success) -> None:
+        if not self.successes:
+            self.since = time.monotonic()
+        self.successes.append(success)
+
+    def due(self) -> bool:
+        """Full, or its oldest success has waited ``ORCHESTRATOR_BATCH_HOLD`` seconds, or no
+        more will join it (:meth:`accepts`)."""
+        return bool(self.successes) and (
+            self.mixed or len(self.successes) >= conf.batch_steps or time.monotonic() - self.since >= conf.batch_hold
+        )
+
+    def flush(self, follow: tuple[str, str] | None = None) -> state.Claim | None:
+        """Record the waiting successes (retried through a database outage like any outcome);
+        with ``follow`` = (worker, task id), claim one step they made ready to run inline.
+        Returns that claim or None."""
+        if not self.successes:
+            return None
+        successes, self.successes = self.successes, []
+        first = successes[0]
+        results, next_claim = _outlasting_outages(
+            first.step, first.token, lambda: attempts.complete_many(successes, follow=follow)
+        )
+        if isinstance(results, str):  # an uncertain commit that had gone through: one transaction
+            results = [results] * len(successes)
+        from agents.registry import dry_run
+
+        for success, result in zip(successes, results, strict=True):
+            if dry_run.get() is None:
+                metrics.attempt_finished(success.step.type, result, success.duration_ms / 1000)
+            if result != "succeeded":
+                log.info("step %s: %s", success.step.step_id, result, extra={"attempt": success.step.attempts})
+        return next_claim
 
 
 def step_timeout(step: Step, run: Run, at: Any) -> float:
@@ -175,11 +256,14 @@ def step_timeout(step: Step, run: Run, at: Any) -> float:
     return timeout
 
 
-def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) -> tuple[str, state.Claim | None]:
+def _run_claimed(
+    claim: state.Claim, worker: str, task_id: str, follow: bool, group: Group | None = None
+) -> tuple[str, state.Claim | None]:
     """Run a claimed step's handler and record the outcome.
 
     Returns (outcome, the dependent claimed inline to run next or None); ``follow`` False: claim
-    none (every ready dependent is sent as a message).
+    none (every ready dependent is sent as a message). With ``group``, a success it accepts is
+    left to it (recorded with others later: "succeeded", no inline claim).
     """
     from agents.registry import (
         StepContext,
@@ -245,6 +329,9 @@ def _run_claimed(claim: state.Claim, worker: str, task_id: str, follow: bool) ->
         error = StepError(f"{type(exc).__name__}: {exc}")
     duration_ms = int((time.monotonic() - started) * 1000)
     next_claim: state.Claim | None = None
+    if error is None and deferred is None and group is not None and group.accepts(step, continuation):
+        group.add(state.Success(step, token, output, resolved, duration_ms))
+        return "succeeded", None  # its metrics when the group is recorded
     if deferred is not None:
         result, _ = _outlasting_outages(step, token, lambda: (attempts.defer(step, token, deferred, duration_ms), None))
     elif error is None:
