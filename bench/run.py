@@ -160,9 +160,10 @@ class CpuMeter:
         t = psutil.cpu_times()
         return sum(v for k, v in t._asdict().items() if k not in ("idle", "iowait", "guest", "guest_nice"))
 
-    def _by_group(self) -> dict[str, float]:
-        seen: dict[str, float] = {"worker": 0.0, "postgres": 0.0, "redis": 0.0}
+    def _by_pid(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds so far of each process of a named group: {pid: (group, seconds)}."""
         tree = {p.pid for p in [self.worker, *self.worker.children(recursive=True)]}
+        seen: dict[int, tuple[str, float]] = {}
         for proc in psutil.process_iter(["name"]):
             group = (
                 "worker" if proc.pid in tree
@@ -176,17 +177,20 @@ class CpuMeter:
                 t = proc.cpu_times()
             except psutil.Error:
                 continue
-            seen[group] += t.user + t.system
+            seen[proc.pid] = (group, t.user + t.system)
         return seen
 
     def start(self) -> None:
-        self._t0, self._g0 = self._busy(), self._by_group()
+        self._t0, self._p0 = self._busy(), self._by_pid()
 
     def stop(self) -> dict[str, float]:
-        """Seconds per group since :meth:`start` (postgres backends that exit in between are
-        counted in "rest", as is whatever ran outside the three named groups)."""
-        busy, groups = self._busy() - self._t0, self._by_group()
-        out = {g: max(0.0, groups[g] - self._g0.get(g, 0.0)) for g in ("worker", "postgres", "redis")}
+        """Seconds per group since :meth:`start`, summed over the processes alive at the end (a
+        process that exits in between, such as an autovacuum worker, counts in "rest", as does
+        whatever ran outside the three named groups)."""
+        busy = self._busy() - self._t0
+        out = {"worker": 0.0, "postgres": 0.0, "redis": 0.0}
+        for pid, (group, seconds) in self._by_pid().items():
+            out[group] += max(0.0, seconds - self._p0.get(pid, (group, 0.0))[1])
         out["rest"] = max(0.0, busy - sum(out.values()))
         return out
 
