@@ -60,15 +60,19 @@ def execute_step(step_pk: int, worker: str = "", task_id: str = "", more: Iterab
     held = Held(more)
     budget = _Budget()
     group = Group() if held.holds() else None
+
+    def record_group() -> None:  # and run inline the step it claims, if any
+        if group is not None:
+            _follow(group.flush(follow=(worker, task_id) if budget.room() else None), worker, task_id, held, budget)
+
     result = _execute_one(step_pk, worker, task_id, held, budget, group)
     while budget.room() and (pk := held.take()) is not None:
         budget.spend()
         if group is not None and group.due():
-            _follow(group.flush(follow=(worker, task_id) if budget.room() else None), worker, task_id, held, budget)
+            record_group()
         _execute_one(pk, worker, task_id, held, budget, group)
     held.release()  # the budget ended: whatever is left goes back to the broker
-    if group is not None:
-        _follow(group.flush(follow=(worker, task_id) if budget.room() else None), worker, task_id, held, budget)
+    record_group()
     return result
 
 
