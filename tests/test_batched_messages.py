@@ -172,3 +172,30 @@ def test_steps_a_batch_did_not_reach_within_the_budget_go_back_as_messages(setti
     assert ran == set(children[:3])
     assert sends.calls == [(children[3:], False)]
     assert set(Step.objects.filter(pk__in=children[3:]).values_list("status", flat=True)) == {"queued"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_successes_waiting_in_a_group_are_recorded_when_a_later_step_fails_to_start(settings, sends, monkeypatch):
+    from django.db import OperationalError
+
+    settings.ORCHESTRATOR_BATCH_HOLD = 5.0  # one group, however slow the machine
+    run = start(fan_out(6))
+    sends.calls.clear()
+    engine.execute_step(Step.objects.get(run=run, step_id="root").pk)
+    children = sorted(pk for ids, _ in sends.calls for pk in ids)
+    sends.calls.clear()
+    real_claim = state.claim
+
+    def claim(step_pk, *args, **kwargs):
+        if step_pk == children[2]:  # the database goes away as the third step is claimed
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_claim(step_pk, *args, **kwargs)
+
+    monkeypatch.setattr(state, "claim", claim)
+    with pytest.raises(OperationalError):
+        engine.execute_step(children[0], more=children[1:])
+    # the two successes waiting in the group were recorded before the error went on (not left
+    # running until their leases expire), and the steps not started went back to the broker
+    statuses = dict(Step.objects.filter(pk__in=children).values_list("pk", "status"))
+    assert [statuses[pk] for pk in children[:2]] == ["succeeded", "succeeded"]
+    assert sends.calls == [(children[3:], False)]

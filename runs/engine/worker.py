@@ -65,12 +65,21 @@ def execute_step(step_pk: int, worker: str = "", task_id: str = "", more: Iterab
         if group is not None:
             _follow(group.flush(follow=(worker, task_id) if budget.room() else None), worker, task_id, held, budget)
 
-    result = _execute_one(step_pk, worker, task_id, held, budget, group)
-    while budget.room() and (pk := held.take()) is not None:
-        budget.spend()
-        if group is not None and group.due():
-            record_group()
-        _execute_one(pk, worker, task_id, held, budget, group)
+    try:
+        result = _execute_one(step_pk, worker, task_id, held, budget, group)
+        while budget.room() and (pk := held.take()) is not None:
+            budget.spend()
+            if group is not None and group.due():
+                record_group()
+            _execute_one(pk, worker, task_id, held, budget, group)
+    except BaseException:
+        # a step of the message failed to be recorded (the database is gone past its lease,
+        # say): the successes already in hand are recorded first, as any outcome would be
+        # (through the outage), instead of waiting for their leases; the rest goes back
+        held.release()
+        if group is not None:
+            group.flush()
+        raise
     held.release()  # the budget ended: whatever is left goes back to the broker
     record_group()
     return result
