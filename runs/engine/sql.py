@@ -283,7 +283,7 @@ def claim_and_begin(
     default_timeout: float,
     grace: float,
     relaxed: bool,
-    writes: tuple[list[int], list[Trace]] = ([], []),
+    writes: tuple[list[int], list[Trace]] | None = None,
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease, and in the same statement write its Attempt row and trace.
 
@@ -312,8 +312,9 @@ def claim_and_begin(
     ``writes``: steps to mark queued and traces to insert first, as :func:`write_batch` (a
     completion claiming a step it made ready: one round trip for both, pipelined).
     """
+    pks, traces = writes or ([], [])
     if not is_postgresql():
-        write_batch(writes[0], now, writes[1])
+        write_batch(pks, now, traces)
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace)
         return (*claimed, False) if claimed else None
     from ..choices import RUN_TERMINAL
@@ -383,7 +384,7 @@ def claim_and_begin(
         + " FROM c"
     )
     params = claim_params + attempt_params + [terminal] + trace_params + [terminal]
-    rows = _run([*_batch_statements(writes[0], now, writes[1]), (sql, params)])[-1]
+    rows = _run([*_batch_statements(pks, now, traces), (sql, params)])[-1]
     if not rows:
         return None
     row = rows[0]

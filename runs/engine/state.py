@@ -357,7 +357,7 @@ def claim(
     round trip (they are taken out of the batch)."""
     from orchestrator_site.conf import conf
 
-    writes: tuple[list[int], list[Trace]] = ([], [])
+    writes: tuple[list[int], list[Trace]] | None = None
     if batch is not None:
         writes, batch.queue, batch.traces = (batch.queue, batch.traces), [], []
     return sql.claim_and_begin(
