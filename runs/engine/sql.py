@@ -284,6 +284,7 @@ def claim_and_begin(
     grace: float,
     relaxed: bool,
     writes: tuple[list[int], list[Trace]] | None = None,
+    inputs_known: Sequence[uuid.UUID] = (),
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease, and in the same statement write its Attempt row and trace.
 
@@ -311,6 +312,9 @@ def claim_and_begin(
 
     ``writes``: steps to mark queued and traces to insert first, as :func:`write_batch` (a
     completion claiming a step it made ready: one round trip for both, pipelined).
+
+    ``inputs_known``: ids of runs whose ``inputs`` the caller holds already (state.InputsCache);
+    for those the returned run's ``inputs`` is None instead of the column (PostgreSQL only).
     """
     pks, traces = writes or ([], [])
     if not is_postgresql():
@@ -323,8 +327,16 @@ def claim_and_begin(
     run_fields = _columns(Run, exclude=("spec",))
     step_table, run_table = Step._meta.db_table, Run._meta.db_table
     terminal = sorted(str(s) for s in RUN_TERMINAL)
+    # a run's inputs (a map's items, say: kilobytes) are read, detoasted, sent and decoded only
+    # for a run the caller does not hold them of (they never change once the run is created)
     claim_returning = ", ".join(
-        [f"s.{f.column}" for f in step_fields] + [f"r.{f.column} AS r_{f.column}" for f in run_fields]
+        [f"s.{f.column}" for f in step_fields]
+        + [
+            f"CASE WHEN r.id = ANY(%s::uuid[]) THEN NULL ELSE r.{f.column} END AS r_{f.column}"
+            if f.attname == "inputs"
+            else f"r.{f.column} AS r_{f.column}"
+            for f in run_fields
+        ]
     )
     claim_sql = (
         f"UPDATE {step_table} AS s SET status = %s, attempts = s.attempts + 1, lease_token = %s, "
@@ -338,7 +350,7 @@ def claim_and_begin(
     )
     claim_params = [
         StepStatus.RUNNING, token, now, float(default_timeout), float(grace), worker, now,
-        step_pk, StepStatus.QUEUED, StepStatus.RETRY_WAIT, now,
+        step_pk, StepStatus.QUEUED, StepStatus.RETRY_WAIT, now, list(inputs_known),
     ]  # fmt: skip
     # the same test as gate.gated(): a declaration that is present and not null, on a step that
     # is not a map step (whose declarations are its children's)

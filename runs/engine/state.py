@@ -19,7 +19,9 @@ with SKIP LOCKED, which never waits).
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -342,6 +344,46 @@ class Claim:
     gate_error: str | None = None
 
 
+class InputsCache:
+    """The ``inputs`` of the runs this process claimed steps of lately: the last
+    ``size`` runs, least recently used out first.
+
+    A run's inputs never change once it is created (runs/services.py, lifecycle.py write them
+    once), so a claim need not read them again for a run whose steps this process ran before. A
+    map over a run input of 10,000 items read, detoasted and decoded all 10,000 at each of its
+    10,000 children's claims: quadratic in the items (README, Performance). Callers must not
+    mutate what they get (expressions cannot: templates_app.expressions is an immutable
+    sandbox; contexts copy the top level). Thread-safe (the embedded worker runs threads).
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._runs: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> dict[Any, Any]:
+        """{run id: inputs} held now (what a claim may leave out)."""
+        with self._lock:
+            return dict(self._runs)
+
+    def fill(self, run: Run, held: dict[Any, Any]) -> None:
+        """Give ``run`` its inputs from ``held`` (the snapshot the claim was told of) when the
+        claim left them out (None); remember them either way."""
+        if run.inputs is None and run.pk in held:
+            run.inputs = held[run.pk]
+        if run.inputs is None:
+            return
+        with self._lock:
+            self._runs[run.pk] = run.inputs
+            self._runs.move_to_end(run.pk)
+            while len(self._runs) > self.size:
+                self._runs.popitem(last=False)
+
+
+#: this process's run inputs (:class:`InputsCache`), shared by every claim it makes
+run_inputs = InputsCache()
+
+
 def claim(
     step_pk: int,
     token: uuid.UUID,
@@ -360,7 +402,8 @@ def claim(
     writes: tuple[list[int], list[Trace]] | None = None
     if batch is not None:
         writes, batch.queue, batch.traces = (batch.queue, batch.traces), [], []
-    return sql.claim_and_begin(
+    held = run_inputs.snapshot()
+    claimed = sql.claim_and_begin(
         step_pk,
         token,
         at,
@@ -370,7 +413,11 @@ def claim(
         conf.lease_grace,
         relaxed=relaxed,
         writes=writes,
+        inputs_known=list(held),
     )
+    if claimed is not None:
+        run_inputs.fill(claimed[1], held)
+    return claimed
 
 
 def begin(step: Step, run: Run, token: uuid.UUID, at: datetime, worker: str, task_id: str) -> None:
