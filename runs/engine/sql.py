@@ -221,7 +221,13 @@ def step_timeout(spec: dict[str, Any], default_timeout: float) -> float:
 
 
 def _claim_orm(
-    step_pk: int, token: uuid.UUID, now: datetime, worker: str, default_timeout: float, grace: float
+    step_pk: int,
+    token: uuid.UUID,
+    now: datetime,
+    worker: str,
+    default_timeout: float,
+    grace: float,
+    inputs_known: Sequence[uuid.UUID],
 ) -> tuple[Step, Run] | None:
     from datetime import timedelta
 
@@ -245,7 +251,11 @@ def _claim_orm(
     )
     if not claimed:
         return None
-    step = Step.objects.select_related("run").defer("run__spec").get(pk=step_pk)
+    step = Step.objects.select_related("run").defer("run__spec", "run__inputs").get(pk=step_pk)
+    if step.run_id not in inputs_known:
+        step.run.inputs = Run.objects.filter(pk=step.run_id).values_list("inputs", flat=True).get()
+    else:
+        step.run.inputs = None  # the caller holds them (state.InputsCache)
     return step, step.run
 
 
@@ -314,12 +324,12 @@ def claim_and_begin(
     completion claiming a step it made ready: one round trip for both, pipelined).
 
     ``inputs_known``: ids of runs whose ``inputs`` the caller holds already (state.InputsCache);
-    for those the returned run's ``inputs`` is None instead of the column (PostgreSQL only).
+    for those the returned run's ``inputs`` is None instead of the column.
     """
     pks, traces = writes or ([], [])
     if not is_postgresql():
         write_batch(pks, now, traces)
-        claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace)
+        claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace, inputs_known)
         return (*claimed, False) if claimed else None
     from ..choices import RUN_TERMINAL
 
