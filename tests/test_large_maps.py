@@ -235,9 +235,10 @@ def test_a_worker_reads_a_runs_inputs_at_its_first_claim_only(nobody_consumes):
         returned.append(claimed[1].inputs if claimed else "none")
         return claimed
 
-    # room for one run only: the second run's claims push the first one's inputs out
+    # room for one run only: the second run's claims push the first one's inputs out (and
+    # inputs this small are kept too: by default only those of 2 KB of JSON or more are)
     with (
-        mock.patch.object(state, "run_inputs", state.InputsCache(size=1)),
+        mock.patch.object(state, "run_inputs", state.InputsCache(size=1, min_chars=0)),
         mock.patch.object(sql, "claim_and_begin", spy),
     ):
         children = [c for run in runs for c in run.steps.get(step_id="each").children.order_by("map_index")]
@@ -251,3 +252,13 @@ def test_a_worker_reads_a_runs_inputs_at_its_first_claim_only(nobody_consumes):
     }  # fmt: skip
     a, b = ({"items": [1, 2, 3], "prefix": p} for p in ("a", "b"))
     assert returned == [a, None, b, None, a, b]  # read again only after being pushed out
+
+
+def test_small_inputs_are_read_at_each_claim():
+    cache = state.InputsCache()
+    small = mock.Mock(pk=uuid.uuid4(), inputs={"n": 1})
+    cache.fill(small, {})
+    assert cache.snapshot() == {}  # cheaper to read again than to name in every claim
+    big = mock.Mock(pk=uuid.uuid4(), inputs={"items": list(range(1000))})
+    cache.fill(big, {})
+    assert cache.snapshot() == {big.pk: big.inputs}

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import DateTimeField, F, Model, Q
 
-from ..choices import AttemptOutcome, StepStatus
+from ..choices import AttemptOutcome, StepStatus, TraceKind
 from ..models import Attempt, Run, Step, Trace
 
 __all__ = [
@@ -61,8 +61,8 @@ __all__ = [
 ]
 
 
-def _run(statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
-    """Execute ``statements`` (SQL with ``%s`` placeholders, parameters) in the caller's
+def _run(statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any]]]) -> list[list[tuple[Any, ...]]]:
+    """Execute ``statements`` (SQL with ``%s`` or ``%(name)s`` placeholders, parameters) in the caller's
     transaction, in one network round trip; return each one's rows (``[]`` when it returns none).
 
     PostgreSQL only. Parameters are bound server-side (not quoted into the SQL text), and each
@@ -295,15 +295,15 @@ _RUNNING_MESSAGE = "'step ''' || c.step_id || ''' running (attempt ' || c.attemp
 
 @dataclass(frozen=True)
 class _Slot:
-    """A parameter of a cached statement filled at each call (``values[name]``)."""
+    """A parameter of a cached statement filled at each call (``%(name)s``: :func:`_named`)."""
 
     name: str
 
 
 @functools.cache
-def _claim_statement(relaxed: bool) -> tuple[str, list[Any], list[Any], list[Any]]:
-    """:func:`claim_and_begin`'s statement, built once per process: (SQL, parameters with
-    :class:`_Slot` for the per-call values, step fields, run fields). Building it per claim was
+def _claim_statement(relaxed: bool) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
+    """:func:`claim_and_begin`'s statement, built once per process: (SQL with named
+    placeholders, its constant parameters, step fields, run fields; :func:`_named`). Building it per claim was
     2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it does not set get
     their defaults here, once: a callable default would be frozen, so it is refused."""
     from ..choices import RUN_TERMINAL
@@ -386,7 +386,48 @@ def _claim_statement(relaxed: bool) -> tuple[str, list[Any], list[Any], list[Any
         + " FROM c"
     )
     params = claim_params + attempt_params + [terminal] + trace_params + [terminal]
-    return sql, params, step_fields, run_fields
+    sql, constants = _named(sql, params)
+    return sql, constants, step_fields, run_fields
+
+
+def _named(sql: str, params: list[Any]) -> tuple[str, dict[str, Any]]:
+    """A cached statement with ``%s`` placeholders made one with named ones: each :class:`_Slot`
+    becomes ``%(name)s`` (a name used twice is sent once), each constant a literal (None, bools,
+    ints, strings, lists of strings: the engine's own statuses and column defaults, never a
+    user's value) or, lacking one, a named constant. Returns (SQL, {name: constant}); a call
+    adds its slots' values. psycopg dumps every parameter at every execution: the claim's 27
+    (8 distinct values) were the largest part of its client-side cost after the round trip."""
+    parts = sql.split("%s")
+    if len(parts) != len(params) + 1:
+        raise ValueError(f"_named: {len(parts) - 1} placeholders for {len(params)} parameters")
+    text, constants = [parts[0]], {}
+    for param, part in zip(params, parts[1:], strict=True):
+        literal = None if isinstance(param, _Slot) else _literal(param)
+        if isinstance(param, _Slot):
+            text.append(f"%({param.name})s")
+        elif literal is not None:
+            text.append(literal.replace("%", "%%"))
+        else:
+            name = f"c{len(constants)}"
+            constants[name] = param
+            text.append(f"%({name})s")
+        text.append(part)  # its own "%%" stay: the same escape in both styles
+    return "".join(text), constants
+
+
+def _literal(value: Any) -> str | None:
+    """SQL literal text for a constant, or None when it has none here (it stays a parameter)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, str):
+        return "'" + str(value).replace("'", "''") + "'"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "ARRAY[" + ", ".join(_literal(v) or "" for v in value) + "]::text[]" if value else "'{}'::text[]"
+    return None
 
 
 def claim_and_begin(
@@ -436,12 +477,12 @@ def claim_and_begin(
         write_batch(pks, now, traces)
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace, inputs_known)
         return (*claimed, False) if claimed else None
-    sql, template, step_fields, run_fields = _claim_statement(relaxed)
-    values = {
+    sql, constants, step_fields, run_fields = _claim_statement(relaxed)
+    params = {
+        **constants,
         "token": token, "now": now, "default_timeout": float(default_timeout), "grace": float(grace),
         "worker": worker, "step_pk": step_pk, "inputs_known": list(inputs_known), "task_id": task_id[:255],
     }  # fmt: skip
-    params = [values[p.name] if isinstance(p, _Slot) else p for p in template]
     rows = _run([*_batch_statements(pks, now, traces), (sql, params)])[-1]
     if not rows:
         return None
@@ -456,14 +497,15 @@ def claim_and_begin(
 class Close:
     """One successful attempt to record (:func:`close_successes`): ``output_json``/``input_json``
     are JSON texts (already produced by the caller's JSON round trip), ``duration_ms`` in ms,
-    ``trace`` its "succeeded" trace, ``decrement``: count its dependents down too."""
+    ``message`` its "succeeded" trace's (a ``state`` trace at the close's time), ``decrement``:
+    count its dependents down too."""
 
     step: Step
     token: uuid.UUID
     output_json: str
     input_json: str
     duration_ms: int
-    trace: Trace
+    message: str
     decrement: bool
 
 
@@ -494,12 +536,7 @@ def close_successes(run_id: Any, closes: Sequence[Close], now: datetime) -> list
         statements.append(_close_statement(close, now))
         at = len(statements) - 1
         if close.decrement:
-            closed = (
-                f"EXISTS (SELECT 1 FROM {Attempt._meta.db_table} WHERE step_id = %s AND lease_token = %s "
-                "AND outcome = %s)",
-                [close.step.pk, close.token, AttemptOutcome.SUCCEEDED],
-            )
-            statements.append(_decrement_dependents(close.step, closed))
+            statements.append(_decrement_dependents(close.step, close.token))
         where.append((at, len(statements) - 1 if close.decrement else None))
     rows = _run(statements)
     out: list[tuple[bool, list[Step] | None]] = []
@@ -511,8 +548,32 @@ def close_successes(run_id: Any, closes: Sequence[Close], now: datetime) -> list
     return out
 
 
-def _close_statement(close: Close, now: datetime) -> tuple[str, list[Any]]:
-    trace_sql, trace_params = _insert_values([close.trace])
+def _close_statement(close: Close, now: datetime) -> tuple[str, dict[str, Any]]:
+    sql, constants = _close_template()
+    step = close.step
+    return sql, {
+        **constants,
+        "output": close.output_json, "input": close.input_json, "now": now, "step_pk": step.pk,
+        "token": close.token, "duration_ms": close.duration_ms, "run_id": step.run_id,
+        "attempt": step.attempts, "message": close.message,
+    }  # fmt: skip
+
+
+@functools.cache
+def _close_template() -> tuple[str, dict[str, Any]]:
+    """:func:`_close_statement`'s SQL (named placeholders) and constants, built once per process."""
+    slot = _Slot
+    trace_sql, trace_params = _insert_select(
+        Trace,
+        {
+            "run_id": ("%s", [slot("run_id")]),
+            "step_row_id": ("%s", [slot("step_pk")]),
+            "attempt": ("%s", [slot("attempt")]),
+            "kind": ("%s", [TraceKind.STATE]),
+            "message": ("%s", [slot("message")]),
+            "created_at": ("%s", [slot("now")]),
+        },
+    )
     sql = (
         f"WITH s AS (UPDATE {Step._meta.db_table} SET status = %s, output = %s::jsonb, input = %s::jsonb, "
         "error = '', finished_at = %s, lease_token = NULL, lease_expires_at = NULL "
@@ -520,14 +581,14 @@ def _close_statement(close: Close, now: datetime) -> tuple[str, list[Any]]:
         f"a AS (UPDATE {Attempt._meta.db_table} SET outcome = %s, finished_at = %s, duration_ms = %s "
         "WHERE step_id = %s AND lease_token = %s AND EXISTS (SELECT 1 FROM s) RETURNING 1), "
         f"t AS ({trace_sql} WHERE EXISTS (SELECT 1 FROM s) RETURNING 1) "
-        "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM a), (SELECT count(*) FROM t)"
+        "SELECT (SELECT count(*) FROM s)"
     )
-    step, token = close.step, close.token
     params = [
-        StepStatus.SUCCEEDED, close.output_json, close.input_json, now, step.pk, StepStatus.RUNNING, token,
-        AttemptOutcome.SUCCEEDED, now, close.duration_ms, step.pk, token, *trace_params,
+        StepStatus.SUCCEEDED, slot("output"), slot("input"), slot("now"), slot("step_pk"), StepStatus.RUNNING,
+        slot("token"), AttemptOutcome.SUCCEEDED, slot("now"), slot("duration_ms"), slot("step_pk"), slot("token"),
+        *trace_params,
     ]  # fmt: skip
-    return sql, params
+    return _named(sql, params)
 
 
 def _close_orm(close: Close, now: datetime) -> tuple[bool, list[Step] | None]:
@@ -546,7 +607,14 @@ def _close_orm(close: Close, now: datetime) -> tuple[bool, list[Step] | None]:
     Attempt.objects.filter(step=step, lease_token=close.token).update(
         outcome=AttemptOutcome.SUCCEEDED, finished_at=now, duration_ms=close.duration_ms
     )
-    insert([close.trace])
+    Trace.objects.create(
+        run_id=step.run_id,
+        step_row_id=step.pk,
+        attempt=step.attempts,
+        kind=TraceKind.STATE,
+        message=close.message,
+        created_at=now,
+    )
     return True, (decrement_dependents(step) if close.decrement else None)
 
 
@@ -588,11 +656,28 @@ def decrement_dependents(step: Step) -> list[Step]:
     return _ready(_run([_decrement_dependents(step)])[0])
 
 
-def _decrement_dependents(step: Step, only_if: tuple[str, list[Any]] | None = None) -> tuple[str, list[Any]]:
-    """The PostgreSQL statement of :func:`decrement_dependents`; ``only_if``: an extra condition
-    (SQL, params) without which nothing is decremented."""
+def _decrement_dependents(step: Step, closed_by: uuid.UUID | None = None) -> tuple[str, dict[str, Any]]:
+    """The PostgreSQL statement of :func:`decrement_dependents`. ``closed_by``: a lease token;
+    nothing is decremented unless the step's attempt under it is closed ``succeeded`` (a
+    completion's decrement in the pipeline after its close)."""
+    sql, constants = _decrement_template(closed_by is not None)
+    params = {**constants, "run_id": step.run_id, "names": list(step.dependents)}
+    if closed_by is not None:
+        params.update(step_pk=step.pk, token=closed_by)
+    return sql, params
+
+
+@functools.cache
+def _decrement_template(guarded: bool) -> tuple[str, dict[str, Any]]:
+    """:func:`_decrement_dependents`'s SQL (named placeholders) and constants, once per process."""
     table = Step._meta.db_table
-    guard, guard_params = (f" AND {only_if[0]}", only_if[1]) if only_if else ("", [])
+    guard, guard_params = "", []
+    if guarded:
+        guard = (
+            f" AND EXISTS (SELECT 1 FROM {Attempt._meta.db_table} WHERE step_id = %s AND lease_token = %s "
+            "AND outcome = %s)"
+        )
+        guard_params = [_Slot("step_pk"), _Slot("token"), AttemptOutcome.SUCCEEDED]
     returning = ", ".join(f"{table}.{f.column}" for f in _columns(Step))
     # for a step that reached zero, how many of its upstream steps are not succeeded (as this
     # statement's snapshot sees them): 0 lets the cascade's all_success check skip its read
@@ -606,7 +691,7 @@ def _decrement_dependents(step: Step, only_if: tuple[str, list[Any]] | None = No
         f"SELECT id FROM {table} WHERE run_id = %s AND parent_id IS NULL AND step_id = ANY(%s::text[]){guard} "
         f"ORDER BY id FOR UPDATE) RETURNING {returning}, {unsucceeded}"
     )
-    return sql, [step.run_id, list(step.dependents), *guard_params, StepStatus.SUCCEEDED]
+    return _named(sql, [_Slot("run_id"), _Slot("names"), *guard_params, StepStatus.SUCCEEDED])
 
 
 def _ready(rows: list[tuple[Any, ...]]) -> list[Step]:
@@ -689,8 +774,15 @@ def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, lis
     ``returning``, in row order (the order Django's own ``unnest`` bulk insert relies on).
     """
     model = type(objs[0])
+    sql, fields = _insert_values_sql(model, returning)
+    return sql, [[_prep_save(f, obj) for obj in objs] for f in fields]
+
+
+@functools.cache
+def _insert_values_sql(model: type[Model], returning: bool) -> tuple[str, list[Any]]:
+    """:func:`_insert_values`'s SQL and fields for ``model``, built once per process (the
+    columns' types, asked of Django per insert, were 5 % of a worker's CPU in the bench's W6)."""
     fields = _insert_fields(model)
-    columns = [[_prep_save(f, obj) for obj in objs] for f in fields]
     # binary parameters: psycopg's text array dumper escapes every element with a regex, which
     # was most of the client's time inserting 1,000 runs (1.73 s -> 1.31 s)
     arrays = ", ".join(f"%b::{f.db_type(connection)}[]" for f in fields)
@@ -698,7 +790,7 @@ def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, lis
     sql = f"INSERT INTO {model._meta.db_table} ({names}) SELECT {names} FROM unnest({arrays}) AS v({names})"
     if returning:
         sql += f" RETURNING {model._meta.pk.column}"
-    return sql, columns
+    return sql, fields
 
 
 def insert(objs: Iterable[Model]) -> None:

@@ -30,7 +30,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from ..choices import STEP_TERMINAL, AttemptOutcome, RunStatus, StepStatus, TraceKind
+from ..choices import STEP_TERMINAL, AttemptOutcome, RunStatus, StepStatus
 from ..models import Attempt, Run, Step, Trace
 from . import sql
 
@@ -351,13 +351,15 @@ class InputsCache:
     A run's inputs never change once it is created (runs/services.py, lifecycle.py write them
     once), so a claim need not read them again for a run whose steps this process ran before. A
     map over a run input of 10,000 items read, detoasted and decoded all 10,000 at each of its
-    10,000 children's claims: quadratic in the items (README, Performance). Callers must not
-    mutate what they get (expressions cannot: templates_app.expressions is an immutable
-    sandbox; contexts copy the top level). Thread-safe (the embedded worker runs threads).
+    10,000 children's claims: quadratic in the items (README, Performance). Only inputs of at
+    least ``min_chars`` characters of JSON are kept: smaller ones cost less to read again than
+    the run id the claim would be sent. Callers must not mutate what they get (expressions
+    cannot: templates_app.expressions is an immutable sandbox; contexts copy the top level).
+    Thread-safe (the embedded worker runs threads).
     """
 
-    def __init__(self, size: int = 16) -> None:
-        self.size = size
+    def __init__(self, size: int = 16, min_chars: int = 2048) -> None:
+        self.size, self.min_chars = size, min_chars
         self._runs: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -371,7 +373,7 @@ class InputsCache:
         claim left them out (None); remember them either way."""
         if run.inputs is None and run.pk in held:
             run.inputs = held[run.pk]
-        if run.inputs is None:
+        elif run.inputs is None or len(json.dumps(run.inputs, default=str)) < self.min_chars:
             return
         with self._lock:
             self._runs[run.pk] = run.inputs
@@ -522,14 +524,7 @@ def close_successes(run_id: Any, items: list[tuple[Success, bool]]) -> list[tupl
             output_json=json.dumps(success.output),
             input_json=json.dumps(success.resolved, default=str),
             duration_ms=success.duration_ms,
-            trace=Trace(
-                run_id=run_id,
-                step_row_id=success.step.pk,
-                attempt=success.step.attempts,
-                kind=TraceKind.STATE,
-                message=f"step '{success.step.step_id}' succeeded in {success.duration_ms} ms",
-                created_at=at,
-            ),
+            message=f"step '{success.step.step_id}' succeeded in {success.duration_ms} ms",
             decrement=decrement,
         )
         for success, decrement in items
