@@ -95,10 +95,11 @@ def _run(statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any]]]) ->
 
 
 def _has_rows(cursor: Any) -> bool:
-    from psycopg.pq import ExecStatus
-
     result = cursor.pgresult
-    return result is not None and result.status == ExecStatus.TUPLES_OK
+    return result is not None and result.status == _TUPLES_OK
+
+
+_TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK (libpq's PGRES_TUPLES_OK)
 
 
 def is_postgresql() -> bool:
@@ -301,7 +302,7 @@ class _Slot:
 
 
 @functools.cache
-def _claim_statement(relaxed: bool) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
+def _claim_statement(relaxed: bool, known: bool) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
     """:func:`claim_and_begin`'s statement, built once per process: (SQL with named
     placeholders, its constant parameters, step fields, run fields; :func:`_named`). Building it per claim was
     2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it does not set get
@@ -319,7 +320,7 @@ def _claim_statement(relaxed: bool) -> tuple[str, dict[str, Any], list[Any], lis
         [f"s.{f.column}" for f in step_fields]
         + [
             f"CASE WHEN r.id = ANY(%s::uuid[]) THEN NULL ELSE r.{f.column} END AS r_{f.column}"
-            if f.attname == "inputs"
+            if f.attname == "inputs" and known
             else f"r.{f.column} AS r_{f.column}"
             for f in run_fields
         ]
@@ -336,7 +337,7 @@ def _claim_statement(relaxed: bool) -> tuple[str, dict[str, Any], list[Any], lis
     )
     claim_params = [
         StepStatus.RUNNING, token, now, _Slot("default_timeout"), _Slot("grace"), worker, now,
-        _Slot("step_pk"), StepStatus.QUEUED, StepStatus.RETRY_WAIT, now, _Slot("inputs_known"),
+        _Slot("step_pk"), StepStatus.QUEUED, StepStatus.RETRY_WAIT, now, *([_Slot("inputs_known")] if known else []),
     ]  # fmt: skip
     # the same test as gate.gated(): a declaration that is present and not null, on a step that
     # is not a map step (whose declarations are its children's)
@@ -477,7 +478,7 @@ def claim_and_begin(
         write_batch(pks, now, traces)
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace, inputs_known)
         return (*claimed, False) if claimed else None
-    sql, constants, step_fields, run_fields = _claim_statement(relaxed)
+    sql, constants, step_fields, run_fields = _claim_statement(relaxed, bool(inputs_known))
     params = {
         **constants,
         "token": token, "now": now, "default_timeout": float(default_timeout), "grace": float(grace),
@@ -772,22 +773,31 @@ def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, lis
     (``pre_save``, ``get_db_prep_save``), so Python defaults and new columns are honoured. A
     primary key set in Python (a UUID default) is written; a generated one is returned with
     ``returning``, in row order (the order Django's own ``unnest`` bulk insert relies on).
+    One row (a completion's trace, most often) is a plain ``VALUES`` row instead: psycopg dumps
+    an array parameter in Python, a scalar in C.
     """
     model = type(objs[0])
-    sql, fields = _insert_values_sql(model, returning)
+    sql, fields = _insert_values_sql(model, returning, len(objs) == 1)
+    if len(objs) == 1:
+        return sql, [_prep_save(f, objs[0]) for f in fields]
     return sql, [[_prep_save(f, obj) for obj in objs] for f in fields]
 
 
 @functools.cache
-def _insert_values_sql(model: type[Model], returning: bool) -> tuple[str, list[Any]]:
-    """:func:`_insert_values`'s SQL and fields for ``model``, built once per process (the
-    columns' types, asked of Django per insert, were 5 % of a worker's CPU in the bench's W6)."""
+def _insert_values_sql(model: type[Model], returning: bool, one: bool) -> tuple[str, list[Any]]:
+    """:func:`_insert_values`'s SQL and fields for ``model`` (``one``: a single row), built once
+    per process (the columns' types, asked of Django per insert, were 5 % of a worker's CPU in
+    the bench's W6)."""
     fields = _insert_fields(model)
-    # binary parameters: psycopg's text array dumper escapes every element with a regex, which
-    # was most of the client's time inserting 1,000 runs (1.73 s -> 1.31 s)
-    arrays = ", ".join(f"%b::{f.db_type(connection)}[]" for f in fields)
     names = ", ".join(f.column for f in fields)
-    sql = f"INSERT INTO {model._meta.db_table} ({names}) SELECT {names} FROM unnest({arrays}) AS v({names})"
+    if one:
+        values = ", ".join(f"%s::{f.db_type(connection)}" for f in fields)
+        sql = f"INSERT INTO {model._meta.db_table} ({names}) VALUES ({values})"
+    else:
+        # binary parameters: psycopg's text array dumper escapes every element with a regex,
+        # which was most of the client's time inserting 1,000 runs (1.73 s -> 1.31 s)
+        arrays = ", ".join(f"%b::{f.db_type(connection)}[]" for f in fields)
+        sql = f"INSERT INTO {model._meta.db_table} ({names}) SELECT {names} FROM unnest({arrays}) AS v({names})"
     if returning:
         sql += f" RETURNING {model._meta.pk.column}"
     return sql, fields
