@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 
 from runs import engine
-from runs.engine import attempts, broker, state
+from runs.engine import attempts, broker, sql, state
 from runs.models import Attempt, Step, Trace
 from tests.conftest import start
 from tests.flow_support import route_to
@@ -199,3 +199,30 @@ def test_successes_waiting_in_a_group_are_recorded_when_a_later_step_fails_to_st
     statuses = dict(Step.objects.filter(pk__in=children).values_list("pk", "status"))
     assert [statuses[pk] for pk in children[:2]] == ["succeeded", "succeeded"]
     assert sends.calls == [(children[3:], False)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_step_continued_inline_is_queued_and_claimed_in_one_update(sends):
+    """The completion that makes a step ready decides it (queued) and claims it in the same
+    transaction; on PostgreSQL one UPDATE takes it from pending to running. Its record is that of
+    any step: queued_at, the "queued" trace before the "running" one, an Attempt, one message
+    fewer."""
+    run = start("key: two\nsteps:\n  - id: a\n    type: noop\n  - id: b\n    type: noop\n    depends_on: [a]\n")
+    a = run.steps.get(step_id="a")
+    marked: list[int] = []
+    mark = sql._mark_queued
+
+    def spy(step_pks, now):
+        marked.extend(step_pks)
+        return mark(step_pks, now)
+
+    with mock.patch.object(sql, "_mark_queued", spy):
+        assert engine.execute_step(a.pk, worker="test@host:1", task_id="t1") == "succeeded"
+    b = Step.objects.get(run=run, step_id="b")
+    assert b.pk not in marked  # no UPDATE of its own to queue it (PostgreSQL's statement)
+    assert (b.status, b.attempts) == ("succeeded", 1)
+    assert b.queued_at is not None and b.queued_at <= b.started_at
+    messages = list(Trace.objects.filter(step_row=b).order_by("id").values_list("message", flat=True))
+    assert messages[:2] == ["step 'b' queued", "step 'b' running (attempt 1/3)"]  # the default retry
+    assert Attempt.objects.filter(step=b, outcome="succeeded", task_id="t1").count() == 1
+    assert all(b.pk not in ids for ids, _ in sends.calls)  # only a was sent

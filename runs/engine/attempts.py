@@ -188,12 +188,17 @@ def claim_inline(batch: state.Batch, at: Any, worker: str, task_id: str) -> stat
     if candidate is None or candidate.pk not in batch.enqueue:
         return None
     batch.enqueue.remove(candidate.pk)
+    queued = candidate.pk in batch.queue
+    if queued:  # still pending: queued and claimed in one update
+        batch.queue.remove(candidate.pk)
     token = uuid.uuid4()
-    # part of the completion's transaction, whose commit is flushed; the steps decided so far
-    # are marked queued and the traces written in the claim's round trip
-    claimed = state.claim(candidate.pk, token, at, worker, task_id, relaxed=False, batch=batch)
-    if claimed is None:
-        batch.enqueue.append(candidate.pk)  # not claimable after all: its message goes out
+    # part of the completion's transaction, whose commit is flushed; the other steps decided so
+    # far are marked queued and the traces written in the claim's round trip
+    claimed = state.claim(candidate.pk, token, at, worker, task_id, relaxed=False, batch=batch, decided=queued)
+    if claimed is None:  # not claimable after all: queued, and its message goes out
+        if queued:
+            batch.queue.append(candidate.pk)
+        batch.enqueue.append(candidate.pk)
         return None
     step, run, begun = claimed
     started = state.Claim(step, run, token, at) if begun else begin(step, run, token, at, worker, task_id, batch)

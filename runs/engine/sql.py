@@ -302,7 +302,7 @@ class _Slot:
 
 
 @functools.cache
-def _claim_statement(relaxed: bool, known: bool) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
+def _claim_statement(relaxed: bool, known: bool, decided: bool) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
     """:func:`claim_and_begin`'s statement, built once per process: (SQL with named
     placeholders, its constant parameters, step fields, run fields; :func:`_named`). Building it per claim was
     2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it does not set get
@@ -325,19 +325,30 @@ def _claim_statement(relaxed: bool, known: bool) -> tuple[str, dict[str, Any], l
             for f in run_fields
         ]
     )
+    # decided: a pending step its completion's cascade has just decided to run (claim_inline),
+    # queued and claimed in one update instead of two
+    claimable = (
+        ("s.status = %s AND s.pending_deps = 0", [StepStatus.PENDING])
+        if decided
+        else (
+            "(s.status = %s OR (s.status = %s AND s.next_attempt_at <= %s))",
+            [StepStatus.QUEUED, StepStatus.RETRY_WAIT, now],
+        )
+    )
     claim_sql = (
         f"UPDATE {step_table} AS s SET status = %s, attempts = s.attempts + 1, lease_token = %s, "
         "lease_expires_at = %s + make_interval(secs => "
         "COALESCE(NULLIF((s.spec ->> 'timeout')::float8, 0), %s) + %s), "
-        "worker = %s, next_attempt_at = NULL, started_at = %s "
-        f"FROM {run_table} AS r "
+        "worker = %s, next_attempt_at = NULL, started_at = %s"
+        + (", queued_at = %s " if decided else " ")
+        + f"FROM {run_table} AS r "
         "WHERE s.id = %s AND r.id = s.run_id AND s.attempts < s.max_attempts "
-        "AND (s.status = %s OR (s.status = %s AND s.next_attempt_at <= %s)) "
+        f"AND {claimable[0]} "
         f"RETURNING {claim_returning}"
     )
     claim_params = [
         StepStatus.RUNNING, token, now, _Slot("default_timeout"), _Slot("grace"), worker, now,
-        _Slot("step_pk"), StepStatus.QUEUED, StepStatus.RETRY_WAIT, now, *([_Slot("inputs_known")] if known else []),
+        *([now] if decided else []), _Slot("step_pk"), *claimable[1], *([_Slot("inputs_known")] if known else []),
     ]  # fmt: skip
     # the same test as gate.gated(): a declaration that is present and not null, on a step that
     # is not a map step (whose declarations are its children's)
@@ -442,6 +453,7 @@ def claim_and_begin(
     relaxed: bool,
     writes: tuple[list[int], list[Trace]] | None = None,
     inputs_known: Sequence[uuid.UUID] = (),
+    decided: bool = False,
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease, and in the same statement write its Attempt row and trace.
 
@@ -472,13 +484,20 @@ def claim_and_begin(
 
     ``inputs_known``: ids of runs whose ``inputs`` the caller holds already (state.InputsCache);
     for those the returned run's ``inputs`` is None instead of the column.
+
+    ``decided``: the step is ``pending`` with no upstream left, and the caller's transaction has
+    just decided to run it (a completion's cascade, ``attempts.claim_inline``): it is queued
+    (``queued_at``) and claimed in the same update. A step's status is indexed, so each update
+    of it writes every index: this saves one such update per inline step.
     """
     pks, traces = writes or ([], [])
     if not is_postgresql():
         write_batch(pks, now, traces)
+        if decided:
+            write_batch([step_pk], now, [])
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace, inputs_known)
         return (*claimed, False) if claimed else None
-    sql, constants, step_fields, run_fields = _claim_statement(relaxed, bool(inputs_known))
+    sql, constants, step_fields, run_fields = _claim_statement(relaxed, bool(inputs_known), decided)
     params = {
         **constants,
         "token": token, "now": now, "default_timeout": float(default_timeout), "grace": float(grace),

@@ -395,10 +395,12 @@ def claim(
     *,
     relaxed: bool,
     batch: Batch | None = None,
+    decided: bool = False,
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease (``sql.claim_and_begin``); see there for the shape. ``batch``:
     the transaction's steps to mark queued and traces so far are written first, in the claim's
-    round trip (they are taken out of the batch)."""
+    round trip (they are taken out of the batch). ``decided``: a pending step this transaction
+    decided to run, queued and claimed at once (see there)."""
     from orchestrator_site.conf import conf
 
     writes: tuple[list[int], list[Trace]] | None = None
@@ -416,6 +418,7 @@ def claim(
         relaxed=relaxed,
         writes=writes,
         inputs_known=list(held),
+        decided=decided,
     )
     if claimed is not None:
         run_inputs.fill(claimed[1], held)
