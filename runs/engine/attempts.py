@@ -172,12 +172,12 @@ def complete_many(
             lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
         # a fresh time: the decrement may have waited for another completion of a shared
         # dependent, and the inline step must not look started before that one finished
-        next_claim = claim_inline(batch, state.now(), *follow) if follow is not None else None
+        next_claim = claim_inline(batch, run, state.now(), *follow) if follow is not None else None
         batch.flush(priority=run.priority)
     return results, next_claim
 
 
-def claim_inline(batch: state.Batch, at: Any, worker: str, task_id: str) -> state.Claim | None:
+def claim_inline(batch: state.Batch, run: Run, at: Any, worker: str, task_id: str) -> state.Claim | None:
     """In a completion's transaction: claim one of the steps it queued, to run it next in-process.
 
     The step is taken out of the messages to send, marked queued with the others, then claimed
@@ -194,7 +194,9 @@ def claim_inline(batch: state.Batch, at: Any, worker: str, task_id: str) -> stat
     token = uuid.uuid4()
     # part of the completion's transaction, whose commit is flushed; the other steps decided so
     # far are marked queued and the traces written in the claim's round trip
-    claimed = state.claim(candidate.pk, token, at, worker, task_id, relaxed=False, batch=batch, decided=queued)
+    claimed = state.claim(
+        candidate.pk, token, at, worker, task_id, relaxed=False, batch=batch, decided=queued, reuse=(candidate, run)
+    )
     if claimed is None:  # not claimable after all: queued, and its message goes out
         if queued:
             batch.queue.append(candidate.pk)

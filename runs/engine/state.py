@@ -396,11 +396,13 @@ def claim(
     relaxed: bool,
     batch: Batch | None = None,
     decided: bool = False,
+    reuse: tuple[Step, Run] | None = None,
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease (``sql.claim_and_begin``); see there for the shape. ``batch``:
     the transaction's steps to mark queued and traces so far are written first, in the claim's
     round trip (they are taken out of the batch). ``decided``: a pending step this transaction
-    decided to run, queued and claimed at once (see there)."""
+    decided to run, queued and claimed at once; ``reuse``: the caller's step and run instances,
+    updated in place (see there for both)."""
     from orchestrator_site.conf import conf
 
     writes: tuple[list[int], list[Trace]] | None = None
@@ -419,6 +421,7 @@ def claim(
         writes=writes,
         inputs_known=list(held),
         decided=decided,
+        reuse=reuse,
     )
     if claimed is not None:
         run_inputs.fill(claimed[1], held)
