@@ -205,6 +205,12 @@ def _columns(model: type[Model], exclude: Sequence[str] = ()) -> list[Any]:
     return [f for f in model._meta.concrete_fields if f.attname not in exclude]
 
 
+@functools.cache
+def _step_fields() -> list[Any]:
+    """All of Step's columns, in model order (what a decrement returns)."""
+    return _columns(Step)
+
+
 def _values(fields: list[Any], values: Sequence[Any]) -> list[Any]:
     """Raw column values with the fields' converters applied (as the ORM's iterator does)."""
     converted = []
@@ -743,7 +749,7 @@ def _ready(rows: list[tuple[Any, ...]]) -> list[Step]:
     """The rows a decrement returned that reached zero, as Steps in id order, each annotated
     with ``upstream_unsucceeded`` (its upstream steps not succeeded, as the decrement saw them;
     the attribute is absent on steps read otherwise, e.g. on SQLite)."""
-    fields = _columns(Step)
+    fields = _step_fields()
     pending_index = [f.attname for f in fields].index("pending_deps")
     ready = []
     for row in rows:
