@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import DateTimeField, F, Model, Q
 
 from ..choices import AttemptOutcome, StepStatus, TraceKind
@@ -804,14 +804,14 @@ def _insert_fields(model: type[Model]) -> list[Any]:
     return [f for f in model._meta.concrete_fields if not (f.primary_key and f.db_returning)]
 
 
-def _prep_save(field: Any, obj: Model) -> Any:
+def _prep_save(field: Any, obj: Model, conn: Any = connection) -> Any:
     """``field.get_db_prep_save(field.pre_save(obj, True))``, which on PostgreSQL leaves a
     timestamp that is None or aware as it is: that case is answered here without the call
     (Django's field preparation was a fifth of the time of inserting 1,000 runs)."""
     value = field.pre_save(obj, True)
     if isinstance(field, DateTimeField) and (value is None or (isinstance(value, datetime) and value.tzinfo)):
         return value
-    return field.get_db_prep_save(value, connection)
+    return field.get_db_prep_save(value, conn)
 
 
 def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, list[Any]]:
@@ -828,9 +828,10 @@ def _insert_values(objs: list[Model], returning: bool = False) -> tuple[str, lis
     """
     model = type(objs[0])
     sql, fields = _insert_values_sql(model, returning, len(objs) == 1)
+    conn = connections[connection.alias]  # not the proxy: one lookup instead of one per value
     if len(objs) == 1:
-        return sql, [_prep_save(f, objs[0]) for f in fields]
-    return sql, [[_prep_save(f, obj) for obj in objs] for f in fields]
+        return sql, [_prep_save(f, objs[0], conn) for f in fields]
+    return sql, [[_prep_save(f, obj, conn) for obj in objs] for f in fields]
 
 
 @functools.cache

@@ -107,12 +107,9 @@ def create_run(fields: dict[str, Any], step_rows: list[dict[str, Any]]) -> tuple
     """Insert a run (status ``running``) and its step rows (``pending``) in the caller's transaction.
 
     ``step_rows``: Step field values without ``run``. Returns the run and its steps (primary keys
-    set where the database returns them).
+    set where the database returns them). Two statements (:func:`create_runs`).
     """
-    run = Run.objects.create(status=RunStatus.RUNNING, **fields)
-    steps = [Step(run=run, **row) for row in step_rows]
-    Step.objects.bulk_create(steps)
-    return run, steps
+    return create_runs([(fields, step_rows)])[0]
 
 
 def create_runs(items: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[tuple[Run, list[Step]]]:
