@@ -262,3 +262,32 @@ def test_small_inputs_are_read_at_each_claim():
     big = mock.Mock(pk=uuid.uuid4(), inputs={"items": list(range(1000))})
     cache.fill(big, {})
     assert cache.snapshot() == {big.pk: big.inputs}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chain_continued_inline_sees_large_inputs_at_every_step(nobody_consumes):
+    """An inline claim reuses the completed step's run (its inputs included) and reads none of
+    the run's row; every link still renders ``vars``."""
+    chain = """
+key: big-inputs-chain
+variables:
+  blob: {type: array}
+  tag: {type: string}
+steps:
+  - id: a
+    type: noop
+    params: {output: "${vars.tag}-a"}
+  - id: b
+    type: noop
+    depends_on: [a]
+    params: {output: "${vars.tag}-${vars.blob | length}"}
+  - id: c
+    type: noop
+    depends_on: [b]
+    params: {output: "${steps.b.output}-c"}
+"""
+    run = start(chain, {"blob": list(range(2000)), "tag": "t"})
+    with mock.patch.object(state, "run_inputs", state.InputsCache()):
+        assert engine.execute_step(run.steps.get(step_id="a").pk, worker="test@host:1", task_id="t") == "succeeded"
+    outputs = dict(Step.objects.filter(run=run).values_list("step_id", "output"))
+    assert outputs == {"a": "t-a", "b": "t-2000", "c": "t-2000-c"}

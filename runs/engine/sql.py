@@ -329,6 +329,7 @@ def _claim_statement(
     run_fields = _columns(Run, exclude=("spec",))
     step_table, run_table = Step._meta.db_table, Run._meta.db_table
     terminal = sorted(str(s) for s in RUN_TERMINAL)
+    known = known and not reuse  # a reused run's inputs are not read at all
     token, now, worker = _Slot("token"), _Slot("now"), _Slot("worker")
     # a run's inputs (a map's items, say: kilobytes) are read, detoasted, sent and decoded only
     # for a run the caller does not hold them of (they never change once the run is created)
@@ -341,6 +342,12 @@ def _claim_statement(
             for f in run_fields
         ]
     )
+    if reuse:  # what the Attempt and trace need, what a claim writes, the run's status
+        needed = {"id", "run_id", "step_id", "attempts", "max_attempts", "spec"}
+        needed |= {f.attname for f in _reuse_fields()}
+        claim_returning = ", ".join(
+            [f"s.{f.column}" for f in step_fields if f.attname in needed] + ["r.status AS r_status"]
+        )
     # decided: a pending step its completion's cascade has just decided to run (claim_inline),
     # queued and claimed in one update instead of two
     claimable = (
@@ -520,7 +527,9 @@ def claim_and_begin(
             write_batch([step_pk], now, [])
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace, inputs_known)
         return (*claimed, False) if claimed else None
-    sql, constants, step_fields, run_fields = _claim_statement(relaxed, bool(inputs_known), decided, reuse is not None)
+    sql, constants, step_fields, run_fields = _claim_statement(
+        relaxed, bool(inputs_known) and reuse is None, decided, reuse is not None
+    )
     params = {
         **constants,
         "token": token, "now": now, "default_timeout": float(default_timeout), "grace": float(grace),

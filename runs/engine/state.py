@@ -368,8 +368,9 @@ class InputsCache:
     def fill(self, run: Run, held: dict[Any, Any]) -> None:
         """Give ``run`` its inputs from ``held`` (the snapshot the claim was told of) when the
         claim left them out (None); remember them either way."""
-        if run.inputs is None and run.pk in held:
-            run.inputs = held[run.pk]
+        if run.pk in held:
+            if run.inputs is None:
+                run.inputs = held[run.pk]
         elif run.inputs is None or len(json.dumps(run.inputs, default=str)) < self.min_chars:
             return
         with self._lock:
@@ -420,7 +421,7 @@ def claim(
         decided=decided,
         reuse=reuse,
     )
-    if claimed is not None:
+    if claimed is not None and (reuse is None or claimed[1] is not reuse[1]):  # a run read by this claim
         run_inputs.fill(claimed[1], held)
     return claimed
 
