@@ -264,6 +264,17 @@ def test_small_inputs_are_read_at_each_claim():
     assert cache.snapshot() == {big.pk: big.inputs}
 
 
+def test_the_inputs_kept_are_capped_in_characters():
+    cache = state.InputsCache(min_chars=10, max_chars=12_000)
+    runs = [mock.Mock(pk=uuid.uuid4(), inputs={"items": list(range(1000))}) for _ in range(3)]  # ~5 KB each
+    for run in runs:
+        cache.fill(run, {})
+    assert list(cache.snapshot()) == [runs[1].pk, runs[2].pk]  # the oldest out, not the count
+    huge = mock.Mock(pk=uuid.uuid4(), inputs={"items": list(range(5000))})
+    cache.fill(huge, {})
+    assert huge.pk not in cache.snapshot()  # larger than the cap: never kept
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_chain_continued_inline_sees_large_inputs_at_every_step(nobody_consumes):
     """An inline claim reuses the completed step's run (its inputs included) and reads none of

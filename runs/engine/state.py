@@ -342,42 +342,54 @@ class Claim:
 
 
 class InputsCache:
-    """The ``inputs`` of the runs this process claimed steps of lately: the last
-    ``size`` runs, least recently used out first.
+    """The ``inputs`` of the runs this process claimed steps of lately: at most ``size`` runs
+    and ``max_chars`` characters of JSON in all, least recently used out first.
 
     A run's inputs never change once it is created (runs/services.py, lifecycle.py write them
     once), so a claim need not read them again for a run whose steps this process ran before. A
     map over a run input of 10,000 items read, detoasted and decoded all 10,000 at each of its
     10,000 children's claims: quadratic in the items (README, Performance). Only inputs of at
-    least ``min_chars`` characters of JSON are kept: smaller ones cost less to read again than
-    the run id the claim would be sent. Callers must not mutate what they get (expressions
-    cannot: templates_app.expressions is an immutable sandbox; contexts copy the top level).
-    Thread-safe (the embedded worker runs threads).
+    least ``min_chars`` characters of JSON are kept (smaller ones cost less to read again than
+    the run id the claim would be sent), and none larger than ``max_chars``. Callers must not
+    mutate what they get (expressions cannot: templates_app.expressions is an immutable
+    sandbox; contexts copy the top level). Thread-safe (the embedded worker runs threads).
     """
 
-    def __init__(self, size: int = 16, min_chars: int = 2048) -> None:
-        self.size, self.min_chars = size, min_chars
-        self._runs: OrderedDict[Any, Any] = OrderedDict()
+    def __init__(self, size: int = 16, min_chars: int = 2048, max_chars: int = 8 * 1024 * 1024) -> None:
+        self.size, self.min_chars, self.max_chars = size, min_chars, max_chars
+        self._runs: OrderedDict[Any, tuple[Any, int]] = OrderedDict()  # run id -> (inputs, chars)
+        self._chars = 0
         self._lock = threading.Lock()
 
     def snapshot(self) -> dict[Any, Any]:
         """{run id: inputs} held now (what a claim may leave out)."""
         with self._lock:
-            return dict(self._runs)
+            return {pk: inputs for pk, (inputs, _chars) in self._runs.items()}
 
     def fill(self, run: Run, held: dict[Any, Any]) -> None:
         """Give ``run`` its inputs from ``held`` (the snapshot the claim was told of) when the
         claim left them out (None); remember them either way."""
+        chars = 0
         if run.pk in held:
             if run.inputs is None:
                 run.inputs = held[run.pk]
-        elif run.inputs is None or len(json.dumps(run.inputs, default=str)) < self.min_chars:
+        elif run.inputs is None:
             return
+        else:
+            chars = len(json.dumps(run.inputs, default=str))
+            if not self.min_chars <= chars <= self.max_chars:
+                return
         with self._lock:
-            self._runs[run.pk] = run.inputs
-            self._runs.move_to_end(run.pk)
-            while len(self._runs) > self.size:
-                self._runs.popitem(last=False)
+            if run.pk in self._runs:
+                self._runs.move_to_end(run.pk)
+                return
+            if not chars:  # pushed out since the snapshot: kept again at its next read
+                return
+            self._runs[run.pk] = (run.inputs, chars)
+            self._chars += chars
+            while len(self._runs) > self.size or self._chars > self.max_chars:
+                _pk, (_inputs, gone) = self._runs.popitem(last=False)
+                self._chars -= gone
 
 
 #: this process's run inputs (:class:`InputsCache`), shared by every claim it makes
