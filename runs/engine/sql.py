@@ -280,6 +280,8 @@ def _insert_select(model: type[Model], exprs: dict[str, tuple[str, list[Any]]]) 
 
     ``exprs`` maps attnames to (SQL expression, params); every other column gets its Python
     default (as the ORM would insert it), so a column added later with a default still works.
+    Its callers build their statements once per process (``_claim_statement``,
+    ``_close_template``), which would freeze a callable default: one raises TypeError.
     """
     columns, values, params = [], [], []
     for f in model._meta.concrete_fields:
@@ -291,6 +293,8 @@ def _insert_select(model: type[Model], exprs: dict[str, tuple[str, list[Any]]]) 
             values.append(sql)
             params.extend(extra)
         else:
+            if f.has_default() and callable(f.default):
+                raise TypeError(f"{model.__name__}.{f.attname} has a callable default: set it in the statement")
             values.append("%s")
             params.append(f.get_db_prep_save(f.get_default(), connection))
     return f"INSERT INTO {model._meta.db_table} ({', '.join(columns)}) SELECT {', '.join(values)}", params
@@ -321,8 +325,8 @@ def _claim_statement(
 ) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
     """:func:`claim_and_begin`'s statement, built once per process: (SQL with named
     placeholders, its constant parameters, step fields, run fields; :func:`_named`). Building
-    it per claim was 2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it does not set get
-    their defaults here, once: a callable default would be frozen, so it is refused."""
+    it per claim was 2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it
+    does not set get their defaults here, once (:func:`_insert_select`)."""
     from ..choices import RUN_TERMINAL
 
     step_fields = _columns(Step)
@@ -400,14 +404,6 @@ def _claim_statement(
         "data": ("jsonb_build_object('worker', %s::text)", [worker]),
         "created_at": ("%s", [now]),
     }
-    for model, exprs in ((Attempt, attempt_exprs), (Trace, trace_exprs)):
-        frozen = [
-            f.attname
-            for f in model._meta.concrete_fields
-            if not f.primary_key and f.attname not in exprs and f.has_default() and callable(f.default)
-        ]
-        if frozen:
-            raise TypeError(f"claim_and_begin: {model.__name__}.{frozen[0]} has a callable default; set it per claim")
     attempt_sql, attempt_params = _insert_select(Attempt, attempt_exprs)
     trace_sql, trace_params = _insert_select(Trace, trace_exprs)
     # relaxed: the statement is its own transaction, and set_config(..., true) is that
