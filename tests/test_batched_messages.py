@@ -226,3 +226,29 @@ def test_a_step_continued_inline_is_queued_and_claimed_in_one_update(sends):
     assert messages[:2] == ["step 'b' queued", "step 'b' running (attempt 1/3)"]  # the default retry
     assert Attempt.objects.filter(step=b, outcome="succeeded", task_id="t1").count() == 1
     assert all(b.pk not in ids for ids, _ in sends.calls)  # only a was sent
+
+
+def test_the_watchdog_releases_each_held_set_at_its_own_deadline():
+    """One thread serves every message of a process (the embedded worker's threads too): a
+    deadline armed after a later one still fires on time, and a disarmed one never does."""
+    from runs.engine.worker import Watchdog
+
+    class Probe:
+        def __init__(self) -> None:
+            self.released = threading.Event()
+
+        def release(self) -> None:
+            self.released.set()
+
+    dog = Watchdog()
+    slow, fast, disarmed = Probe(), Probe(), Probe()
+    now = time.monotonic()
+    dog.arm(slow, now + 30)
+    time.sleep(0.1)  # the thread is asleep until the slow one's deadline
+    now = time.monotonic()
+    dog.arm(disarmed, now + 0.05)
+    dog.disarm(disarmed)
+    dog.arm(fast, now + 0.1)
+    assert fast.released.wait(5)
+    assert not slow.released.is_set() and not disarmed.released.wait(0.2)
+    dog.disarm(slow)

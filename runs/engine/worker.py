@@ -157,7 +157,7 @@ class Watchdog:
 
     A ``threading.Timer`` per step cost a thread start and a cancel each: 7 % of the worker's
     CPU in the bench's W6 (py-spy). Arming and disarming here take a lock and a dict entry; the
-    thread sleeps until the earliest deadline armed (woken only when nothing was armed), so
+    thread sleeps until the earliest deadline armed (woken only by an earlier one), so
     while steps run back to back it wakes at most once per ``ORCHESTRATOR_BATCH_HOLD``. Each
     thread of the embedded worker arms its own ``Held``. A prefork child starts its own thread
     at its first arm (a thread does not survive ``fork``).
@@ -171,12 +171,12 @@ class Watchdog:
     def arm(self, held: Held, deadline: float) -> None:
         """Release ``held`` at ``deadline`` (``time.monotonic()`` seconds) unless disarmed first."""
         with self._cond:
-            idle = not self._armed
+            soonest = min((armed for _, armed in self._armed.values()), default=None)
             self._armed[id(held)] = (held, deadline)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="batch-hold-watchdog", daemon=True)
                 self._thread.start()
-            elif idle:
+            elif soonest is None or deadline < soonest:  # it sleeps past this deadline, or for ever
                 self._cond.notify()
 
     def disarm(self, held: Held) -> None:
