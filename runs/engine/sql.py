@@ -267,6 +267,9 @@ def _claim_orm(
     )
     if not claimed:
         return None
+    if not inputs_known:  # the common case (small inputs are never held): one query, as before
+        step = Step.objects.select_related("run").defer("run__spec").get(pk=step_pk)
+        return step, step.run
     step = Step.objects.select_related("run").defer("run__spec", "run__inputs").get(pk=step_pk)
     if step.run_id not in inputs_known:
         step.run.inputs = Run.objects.filter(pk=step.run_id).values_list("inputs", flat=True).get()
@@ -523,9 +526,7 @@ def claim_and_begin(
             write_batch([step_pk], now, [])
         claimed = _claim_orm(step_pk, token, now, worker, default_timeout, grace, inputs_known)
         return (*claimed, False) if claimed else None
-    sql, constants, step_fields, run_fields = _claim_statement(
-        relaxed, bool(inputs_known) and reuse is None, decided, reuse is not None
-    )
+    sql, constants, step_fields, run_fields = _claim_statement(relaxed, bool(inputs_known), decided, reuse is not None)
     params = {
         **constants,
         "token": token, "now": now, "default_timeout": float(default_timeout), "grace": float(grace),
@@ -734,7 +735,7 @@ def _decrement_template(guarded: bool) -> tuple[str, dict[str, Any]]:
             "AND outcome = %s)"
         )
         guard_params = [_Slot("step_pk"), _Slot("token"), AttemptOutcome.SUCCEEDED]
-    returning = ", ".join(f"{table}.{f.column}" for f in _columns(Step))
+    returning = ", ".join(f"{table}.{f.column}" for f in _step_fields())  # what _ready reads
     # for a step that reached zero, how many of its upstream steps are not succeeded (as this
     # statement's snapshot sees them): 0 lets the cascade's all_success check skip its read
     unsucceeded = (
