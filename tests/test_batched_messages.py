@@ -228,6 +228,52 @@ def test_a_step_continued_inline_is_queued_and_claimed_in_one_update(sends):
     assert all(b.pk not in ids for ids, _ in sends.calls)  # only a was sent
 
 
+def _round_trips(run_chain) -> int:
+    """How many times the client waited for PostgreSQL while ``run_chain()`` ran: the
+    ReadyForQuery messages in libpq's protocol trace (one per pipeline sync or simple query)."""
+    import tempfile
+
+    from django.db import connection
+    from psycopg import pq
+
+    connection.ensure_connection()
+    pgconn = connection.connection.pgconn
+    with tempfile.TemporaryFile("w+") as log:
+        pgconn.trace(log.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            run_chain()
+        finally:
+            pgconn.untrace()
+        log.seek(0)
+        return sum(1 for line in log if line.startswith("B\t") and "\tReadyForQuery\t" in line)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chain_step_continued_inline_costs_two_round_trips(sends):
+    """Each further step of an inline chain costs two waits on PostgreSQL: the completion (its
+    BEGIN, the run's lock, the close and the decrement) and the claim of the next step (with the
+    transaction's traces and its COMMIT). psycopg alone would add a BEGIN and a COMMIT of their
+    own (``sql._begin``, ``sql.may_commit``)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("round trips are PostgreSQL's pipeline (SQLite has none)")
+
+    def chain(length: int) -> int:
+        steps = "".join(
+            f"  - id: s{i}\n    type: noop\n" + (f"    depends_on: [s{i - 1}]\n" if i else "") for i in range(length)
+        )
+        run = start(f"key: chain{length}\nsteps:\n{steps}")
+        first = run.steps.get(step_id="s0")
+        trips = _round_trips(lambda: engine.execute_step(first.pk, worker="test@host:1", task_id="t1"))
+        assert set(run.steps.values_list("status", flat=True)) == {"succeeded"}
+        return trips
+
+    chain(2)  # statements prepared, caches warm
+    assert chain(6) - chain(3) == 3 * 2
+
+
 def test_the_watchdog_releases_each_held_set_at_its_own_deadline():
     """One thread serves every message of a process (the embedded worker's threads too): a
     deadline armed after a later one still fires on time, and a disarmed one never does."""

@@ -182,7 +182,9 @@ def claim_inline(batch: state.Batch, run: Run, at: Any, worker: str, task_id: st
 
     The step is taken out of the messages to send, marked queued with the others, then claimed
     like a message would claim it, so the flushed completion commit also records the claim.
-    Steps behind a flow-control gate are left to their messages.
+    Steps behind a flow-control gate are left to their messages. The claim is the transaction's
+    last write: its COMMIT goes in the claim's round trip (``state.claim``, ``last``), and the
+    caller only registers its on-commit callbacks after it.
     """
     candidate = next((s for s in batch.decided if not gate.gated(s.spec)), None)
     if candidate is None or candidate.pk not in batch.enqueue:
@@ -195,7 +197,16 @@ def claim_inline(batch: state.Batch, run: Run, at: Any, worker: str, task_id: st
     # part of the completion's transaction, whose commit is flushed; the other steps decided so
     # far are marked queued and the traces written in the claim's round trip
     claimed = state.claim(
-        candidate.pk, token, at, worker, task_id, relaxed=False, batch=batch, decided=queued, reuse=(candidate, run)
+        candidate.pk,
+        token,
+        at,
+        worker,
+        task_id,
+        relaxed=False,
+        batch=batch,
+        decided=queued,
+        reuse=(candidate, run),
+        last=True,
     )
     if claimed is None:  # not claimable after all: queued, and its message goes out
         if queued:

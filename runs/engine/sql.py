@@ -61,7 +61,9 @@ __all__ = [
 ]
 
 
-def _run(statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any]]]) -> list[list[tuple[Any, ...]]]:
+def _run(
+    statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any]]], *, commit: bool = False
+) -> list[list[tuple[Any, ...]]]:
     """Execute ``statements`` (SQL with ``%s`` or ``%(name)s`` placeholders, parameters) in the caller's
     transaction, in one network round trip; return each one's rows (``[]`` when it returns none).
 
@@ -72,26 +74,80 @@ def _run(statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any]]]) ->
     statements are sent together in a psycopg pipeline (libpq pipeline mode: the server runs them
     in order and the client waits once). Errors are Django's (``django.db.OperationalError``...),
     as for any ORM query; a failing statement skips the ones after it.
+
+    When these statements start the caller's transaction, its BEGIN goes in the same round trip
+    (:func:`_begin`). ``commit``: the transaction's COMMIT goes in it too, last; only for a
+    caller that writes nothing after (:func:`may_commit` says whether it may).
     """
     import psycopg
 
     connection.ensure_connection()
     raw = connection.connection
     prepare = raw.prepare_threshold is not None  # settings.DATABASES: ORCHESTRATOR_PREPARED_STATEMENTS
+    pipelined = psycopg.Pipeline.is_supported()
+    begin = _begin(raw) if pipelined else None
+    around = [*([(begin, None)] if begin else []), *statements, *([("COMMIT", None)] if commit else [])]
     with connection.wrap_database_errors:
-        cursors = [psycopg.Cursor(raw) for _ in statements]
-        if len(statements) > 1 and psycopg.Pipeline.is_supported():
+        cursors = [psycopg.Cursor(raw) for _ in around]
+        if len(around) > 1 and pipelined:
             with raw.pipeline():
-                for cursor, (sql, params) in zip(cursors, statements, strict=True):
-                    cursor.execute(sql, params, prepare=prepare)
+                for cursor, (sql, params) in zip(cursors, around, strict=True):
+                    cursor.execute(sql, params, prepare=prepare and params is not None)
         else:
-            for cursor, (sql, params) in zip(cursors, statements, strict=True):
+            for cursor, (sql, params) in zip(cursors, around, strict=True):
                 cursor.execute(sql, params, prepare=prepare)
         # the result's status, not ``description``: that builds a Column object per column
         rows = [cursor.fetchall() if _has_rows(cursor) else [] for cursor in cursors]
         for cursor in cursors:
             cursor.close()
-    return rows
+    return rows[1 : len(statements) + 1] if begin else rows[: len(statements)]
+
+
+def _begin(raw: Any) -> str | None:
+    """The BEGIN to send ahead of the statements of a round trip that starts the transaction of
+    Django's outermost atomic block, or None (already in one; autocommit; other cases).
+
+    psycopg starts a transaction, in pipeline mode, with BEGIN and a pipeline sync: a round trip
+    of its own before every transaction (four round trips per chain step where two do the
+    work). Sent here with the statements instead, in one round trip, the BEGIN psycopg would have
+    sent (isolation level, read only, deferrable as the connection has them). For that, psycopg
+    is put in autocommit mode, where it sends no BEGIN; the transaction is open all the same
+    (psycopg's commit and rollback act on the server's transaction status). Django's atomic
+    block sets autocommit back on at its exit, as it does anyway: only the outermost block that
+    turned it off (``commit_on_exit``) qualifies."""
+    from psycopg import IsolationLevel
+    from psycopg.pq import TransactionStatus
+
+    if raw.autocommit or not (connection.in_atomic_block and connection.commit_on_exit):
+        return None
+    if raw.pgconn.transaction_status != TransactionStatus.IDLE:
+        return None
+    parts = ["BEGIN"]
+    if raw.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + IsolationLevel(raw.isolation_level).name.replace("_", " "))
+    if raw.read_only is not None:
+        parts.append("READ ONLY" if raw.read_only else "READ WRITE")
+    if raw.deferrable is not None:
+        parts.append("DEFERRABLE" if raw.deferrable else "NOT DEFERRABLE")
+    raw.autocommit = True
+    return " ".join(parts)
+
+
+def may_commit() -> bool:
+    """Whether the caller's transaction may be committed by :func:`_run` (``commit``): PostgreSQL
+    in pipeline mode, Django's outermost atomic block (no enclosing transaction, no savepoint),
+    nothing marked for rollback. Django's COMMIT at the block's exit is then a no-op (psycopg
+    sends none outside a transaction), and its on-commit callbacks run there as always."""
+    if not is_postgresql() or not connection.in_atomic_block or not connection.commit_on_exit:
+        return False
+    import psycopg
+
+    return (
+        len(connection.atomic_blocks) == 1
+        and not connection.savepoint_ids
+        and not connection.needs_rollback
+        and psycopg.Pipeline.is_supported()
+    )
 
 
 def _has_rows(cursor: Any) -> bool:
@@ -478,6 +534,7 @@ def claim_and_begin(
     inputs_known: Sequence[uuid.UUID] = (),
     decided: bool = False,
     reuse: tuple[Step, Run] | None = None,
+    commit: bool = False,
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease, and in the same statement write its Attempt row and trace.
 
@@ -518,6 +575,14 @@ def claim_and_begin(
     changes (an inline claim: the completion's decrement returned the step's row, and the run is
     the completed step's): only the claim's columns and the run's status are returned, and set
     on them, instead of both whole rows (their JSON decoded again, 47 columns). PostgreSQL only.
+
+    ``commit``: the caller's transaction is committed in the same round trip, after the claim
+    (:func:`may_commit` must have said it may; the caller writes nothing after: an inline claim
+    is a completion's last write). A chain step then costs two round trips, not three. A
+    ``decided`` claim cannot take nothing: the caller's decrement holds the step's row lock and
+    saw it pending with no upstream left, and a pending step always has an attempt left
+    (``state.reset_step`` raises the limit). Were it to, the caller queues the step and sends
+    its message at once, in a transaction of its own (``attempts.claim_inline``).
     """
     pks, traces = writes or ([], [])
     if not is_postgresql():
@@ -532,7 +597,7 @@ def claim_and_begin(
         "token": token, "now": now, "default_timeout": float(default_timeout), "grace": float(grace),
         "worker": worker, "step_pk": step_pk, "inputs_known": list(inputs_known), "task_id": task_id[:255],
     }  # fmt: skip
-    rows = _run([*_batch_statements(pks, now, traces), (sql, params)])[-1]
+    rows = _run([*_batch_statements(pks, now, traces), (sql, params)], commit=commit)[-1]
     if not rows:
         return None
     row = rows[0]

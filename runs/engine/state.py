@@ -407,12 +407,16 @@ def claim(
     batch: Batch | None = None,
     decided: bool = False,
     reuse: tuple[Step, Run] | None = None,
+    last: bool = False,
 ) -> tuple[Step, Run, bool] | None:
     """Claim a step under a lease (``sql.claim_and_begin``); see there for the shape. ``batch``:
     the transaction's steps to mark queued and traces so far are written first, in the claim's
     round trip (they are taken out of the batch). ``decided``: a pending step this transaction
     decided to run, queued and claimed at once; ``reuse``: the caller's step and run instances,
-    updated in place (see there for both)."""
+    updated in place (see there for both). ``last``: the claim is the transaction's last write,
+    so its COMMIT goes in the claim's round trip where it may (``sql.may_commit``: the outermost
+    atomic block on PostgreSQL); what the caller writes after a claim that took nothing, or did
+    not begin, is then a transaction of its own."""
     from orchestrator_site.conf import conf
 
     writes: tuple[list[int], list[Trace]] | None = None
@@ -432,6 +436,7 @@ def claim(
         inputs_known=list(held),
         decided=decided,
         reuse=reuse,
+        commit=last and sql.may_commit(),
     )
     if claimed is not None and (reuse is None or claimed[1] is not reuse[1]):  # a run read by this claim
         run_inputs.fill(claimed[1], held)
