@@ -274,6 +274,31 @@ def test_a_chain_step_continued_inline_costs_two_round_trips(sends):
     assert chain(6) - chain(3) == 3 * 2
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_completion_and_a_new_run_commit_in_their_last_round_trip(sends):
+    """A completion that makes no step ready costs two waits (the close, then the COMMIT with
+    whatever the cascade wrote); starting a run costs three (its BEGIN and both INSERTs, the
+    concurrent-run limits, the root steps queued and traced with the COMMIT)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("round trips are PostgreSQL's pipeline (SQLite has none)")
+    yaml_text = (
+        "key: join\nsteps:\n  - id: a\n    type: noop\n  - id: b\n    type: noop\n"
+        "  - id: c\n    type: noop\n    depends_on: [a, b]\n"
+    )
+    warm = start(yaml_text)  # statements prepared, caches warm
+    engine.execute_step(warm.steps.get(step_id="a").pk, worker="test@host:1", task_id="t0")
+    runs = []
+    assert _round_trips(lambda: runs.append(start(yaml_text))) == 3
+    a = runs[0].steps.get(step_id="a")
+    # the claim (its own transaction: one statement), then the completion, which makes nothing
+    # ready (c waits for b)
+    assert _round_trips(lambda: engine.execute_step(a.pk, worker="test@host:1", task_id="t1")) == 1 + 2
+    assert runs[0].steps.get(step_id="c").status == "pending"
+    assert Trace.objects.filter(step_row=a, message__startswith="step 'a' succeeded").count() == 1
+
+
 def test_the_watchdog_releases_each_held_set_at_its_own_deadline():
     """One thread serves every message of a process (the embedded worker's threads too): a
     deadline armed after a later one still fires on time, and a disarmed one never does."""

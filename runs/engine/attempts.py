@@ -173,7 +173,7 @@ def complete_many(
         # a fresh time: the decrement may have waited for another completion of a shared
         # dependent, and the inline step must not look started before that one finished
         next_claim = claim_inline(batch, run, state.now(), *follow) if follow is not None else None
-        batch.flush(priority=run.priority)
+        batch.flush(priority=run.priority, last=True)  # with the COMMIT, unless the claim had it
     return results, next_claim
 
 
@@ -317,5 +317,5 @@ def fail(
         else:
             cascade.Cascade(step.run, batch).finished([step])
         lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
-        batch.flush(priority=step.run.priority)
+        batch.flush(priority=step.run.priority, last=True)
     return result

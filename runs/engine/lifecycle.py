@@ -78,7 +78,7 @@ def _start(new: _NewRun) -> Run:
                 batch.flush()
             else:
                 new.begin(run, steps, batch)
-                batch.flush(priority=run.priority)
+                batch.flush(priority=run.priority, last=True)
     except IntegrityError:
         if idempotency_key:
             # A concurrent request with the same key won the race: return its run.
@@ -202,8 +202,9 @@ def start_runs(spec: dict[str, Any], items: list[dict[str, Any]], *, template: A
         batches: dict[int, state.Batch] = {}
         for n, (run, steps) in zip(new, created, strict=True):
             n.begin(run, steps, batches.setdefault(run.priority, state.Batch()))
-        for priority, batch in sorted(batches.items()):
-            batch.flush(priority=priority)
+        ordered = sorted(batches.items())
+        for i, (priority, batch) in enumerate(ordered):
+            batch.flush(priority=priority, last=i == len(ordered) - 1)
     return [run for run, _steps in created]
 
 

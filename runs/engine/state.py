@@ -88,11 +88,14 @@ class Batch:
             Trace(run_id=run_id, step_row_id=step_pk, attempt=attempt, kind=kind, message=message, data=data)
         )
 
-    def flush(self, priority: int | None = None) -> None:
-        """Mark the decided steps queued, insert the traces now, send the messages after commit."""
-        if self.queue or self.traces:
+    def flush(self, priority: int | None = None, last: bool = False) -> None:
+        """Mark the decided steps queued, insert the traces now, send the messages after commit.
+        ``last``: nothing is written after, so the transaction's COMMIT goes in the same round
+        trip where it may (``sql.may_commit``)."""
+        commit = last and sql.may_commit()
+        if self.queue or self.traces or commit:
             pks, traces, self.queue, self.traces = self.queue, self.traces, [], []
-            sql.write_batch(pks, now(), traces)
+            sql.write_batch(pks, now(), traces, commit=commit)
         if self.enqueue:
             from .broker import enqueue_steps
 
@@ -114,11 +117,11 @@ def create_run(fields: dict[str, Any], step_rows: list[dict[str, Any]]) -> tuple
 
 def create_runs(items: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[tuple[Run, list[Step]]]:
     """:func:`create_run` for many runs: ``items`` of (Run fields, step rows); one INSERT for the
-    runs and one for all their steps. Returns (run, its steps) per item, in order."""
+    runs and one for all their steps, in one round trip. Returns (run, its steps) per item, in
+    order."""
     runs = [Run(status=RunStatus.RUNNING, **fields) for fields, _rows in items]
-    sql.insert(runs)
     per_run = [[Step(run=run, **row) for row in rows] for run, (_fields, rows) in zip(runs, items, strict=True)]
-    sql.insert([step for steps in per_run for step in steps])
+    sql.insert(runs, [step for steps in per_run for step in steps])  # a run's id is set in Python
     return list(zip(runs, per_run, strict=True))
 
 
