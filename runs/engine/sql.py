@@ -158,6 +158,8 @@ def may_commit() -> bool:
     sends none outside a transaction), and its on-commit callbacks run there as always."""
     if not is_postgresql() or not connection.in_atomic_block or not connection.commit_on_exit:
         return False
+    if connection.connection is None:
+        return False
     import psycopg
     from psycopg.pq import TransactionStatus
 
