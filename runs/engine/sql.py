@@ -600,7 +600,7 @@ def claim_and_begin(
 
     ``commit``: the caller's transaction is committed in the same round trip, after the claim
     (:func:`may_commit` must have said it may; the caller writes nothing after: an inline claim
-    is a completion's last write). A chain step then costs two round trips, not three. A
+    is a completion's last write), so the COMMIT costs no round trip of its own. A
     ``decided`` claim cannot take nothing: the caller's decrement holds the step's row lock and
     saw it pending with no upstream left, and a pending step always has an attempt left
     (``state.reset_step`` raises the limit). Were it to, the caller queues the step and sends
