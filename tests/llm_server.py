@@ -40,6 +40,14 @@ __all__ = ["Reply", "ScriptedLLM"]
 _UNSET: Any = object()
 
 
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, and a listen backlog for a burst of clients: the standard
+    library's 5 let a test's 50 simultaneous calls overflow the accept queue, and a connection
+    dropped there is reset by the kernel once the client sends its request."""
+
+    request_queue_size = 128
+
+
 @dataclass
 class Reply:
     """One scripted answer.
@@ -189,7 +197,7 @@ class ScriptedLLM:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.close_connection = True
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _Server((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         #: The base URL to configure as an LLM provider (the API root, ``/v1``).
