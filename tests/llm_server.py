@@ -42,8 +42,8 @@ _UNSET: Any = object()
 
 class _Server(ThreadingHTTPServer):
     """A thread per connection, and a listen backlog for a burst of clients: the standard
-    library's 5 let a test's 50 simultaneous calls overflow the accept queue, and a connection
-    dropped there is reset by the kernel once the client sends its request."""
+    library's 5 can overflow under a test's 50 simultaneous calls (a fresh-clone run of
+    tests/test_llm_budgets.py saw one connection reset by peer)."""
 
     request_queue_size = 128
 
