@@ -299,6 +299,34 @@ def test_a_completion_and_a_new_run_commit_in_their_last_round_trip(sends):
     assert Trace.objects.filter(step_row=a, message__startswith="step 'a' succeeded").count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_step_claimed_by_a_commit_whose_answer_was_lost_is_recovered_at_once(sends, monkeypatch):
+    """The database dies after a completion's COMMIT (which carries the next step's inline claim)
+    and before its answer: the worker finds the attempt closed when it is back, so the commit
+    went through, and the step it had claimed inline is counted lost now, not left ``running``
+    until its lease ends (the step's timeout: minutes)."""
+    from django.db import OperationalError
+
+    run = start("key: lost-answer\nsteps:\n  - id: a\n    type: noop\n  - id: b\n    type: noop\n    depends_on: [a]\n")
+    a = run.steps.get(step_id="a")
+    real = attempts.complete_many
+    calls = []
+
+    def answer_lost(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not calls:
+            calls.append(result)
+            raise OperationalError("server closed the connection unexpectedly")
+        return result
+
+    monkeypatch.setattr(attempts, "complete_many", answer_lost)
+    assert engine.execute_step(a.pk, worker="test@host:1", task_id="t1") == "succeeded"
+    assert calls and calls[0][1] is not None  # the lost answer held the inline claim of b
+    b = run.steps.get(step_id="b")
+    assert b.status in ("retry_wait", "queued")  # recovered: not running under a forgotten lease
+    assert Attempt.objects.get(step=b, number=1).outcome == "lost"
+
+
 def test_the_watchdog_releases_each_held_set_at_its_own_deadline():
     """One thread serves every message of a process (the embedded worker's threads too): a
     deadline armed after a later one still fires on time, and a disarmed one never does."""

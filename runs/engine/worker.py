@@ -299,7 +299,11 @@ class Group:
         successes, self.successes = self.successes, []
         first = successes[0]
         results, next_claim = _outlasting_outages(
-            first.step, first.token, lambda: attempts.complete_many(successes, follow=follow)
+            first.step,
+            first.token,
+            lambda: attempts.complete_many(successes, follow=follow),
+            follow=follow,
+            completed=[s.step for s in successes],
         )
         if isinstance(results, str):  # an uncertain commit that had gone through: one transaction
             results = [results] * len(successes)
@@ -413,6 +417,7 @@ def _run_claimed(
                 follow=(worker, task_id) if follow else None,
                 continuation=continuation,
             ),
+            follow=(worker, task_id) if follow else None,
         )
     else:
         result, _ = _outlasting_outages(
@@ -496,7 +501,14 @@ _OUTCOME_RESULT = {
 }
 
 
-def _outlasting_outages(step: Step, token: uuid.UUID, record: Any) -> tuple[str, state.Claim | None]:
+def _outlasting_outages(
+    step: Step,
+    token: uuid.UUID,
+    record: Any,
+    *,
+    follow: tuple[str, str] | None = None,
+    completed: list[Step] | None = None,
+) -> tuple[str, state.Claim | None]:
     """Run ``record`` (one transaction writing an attempt's outcome), retrying through a database
     outage until the attempt's lease expires.
 
@@ -505,6 +517,12 @@ def _outlasting_outages(step: Step, token: uuid.UUID, record: Any) -> tuple[str,
     (0.5 s, then doubling up to 5 s). If the error hit the COMMIT, the commit may have happened:
     before retrying, the Attempt row (found by lease token) tells; a closed attempt means it
     did. After the lease, the error propagates (the task retries; the sweeper recovers the step).
+
+    ``follow`` = (worker, task id) when ``record`` may have claimed a dependent of ``completed``
+    (default: ``[step]``) to run inline. A commit that went through although its answer was
+    lost took that claim with it, and the claim is gone with the answer: the step is counted
+    lost at once (:func:`_release_inline_claim`) instead of waiting ``running`` for its lease
+    (the step's timeout: minutes).
     """
     deadline = step.lease_expires_at
     delay = 0.5
@@ -527,8 +545,31 @@ def _outlasting_outages(step: Step, token: uuid.UUID, record: Any) -> tuple[str,
             except (OperationalError, InterfaceError):
                 if state.now() >= deadline:
                     raise
-        if outcome is not None and outcome != AttemptOutcome.RUNNING:
-            return _OUTCOME_RESULT.get(outcome, "refused"), None  # the commit had gone through
+        if outcome is not None and outcome != AttemptOutcome.RUNNING:  # the commit had gone through
+            if follow is not None:
+                _release_inline_claim(completed or [step], *follow)
+            return _OUTCOME_RESULT.get(outcome, "refused"), None
+
+
+def _release_inline_claim(completed: list[Step], worker: str, task_id: str) -> None:
+    """After a completion's commit that went through while its answer was lost: the dependent
+    of ``completed`` it claimed inline (its Attempt still running under this worker and this
+    message's task id) is counted lost now (``sweeper.recover_lost``: retried, or dead when it
+    has no attempt left), as its lease's end would. The steps of one message are never
+    dependents of each other (they were ready together), so no other step of it is touched."""
+    names = {name for done in completed for name in done.dependents or []}
+    if not names:
+        return
+    pks = Attempt.objects.filter(
+        run_id=completed[0].run_id,
+        task_id=task_id[:255],
+        worker=worker[:200],
+        outcome=AttemptOutcome.RUNNING,
+        step__parent__isnull=True,
+        step__step_id__in=sorted(names),
+    ).values_list("step_id", flat=True)
+    for pk in list(pks):
+        sweeper.recover_lost(pk, "its claim was committed with a completion whose answer was lost", holder=worker[:200])
 
 
 def _handler_tracer(run_id: Any, step_pk: int, attempt: int):
