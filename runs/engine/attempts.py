@@ -16,7 +16,7 @@ from orchestrator_site.conf import conf
 
 from ..choices import RUN_TERMINAL, AttemptOutcome, StepStatus, TraceKind
 from ..models import Run, Step, Trace
-from . import append, broker, cascade, gate, lifecycle, state
+from . import append, broker, cascade, gate, lifecycle, sql, state
 
 
 def backoff_delay(retry: dict[str, Any], attempt: int, rng: Any = None) -> float:
@@ -144,7 +144,38 @@ def complete_many(
     single success), its steps are appended to the run in the same transaction
     (``append.continue_run``). Returns the outcome of each success in order ("succeeded", or
     "refused": its lease was taken over and nothing of it was written) and the inline claim.
+
+    A single success of a step with dependents takes the run's lock shared
+    (runs/engine/state.py, "Shared completions"); when its cascade needs the exclusive lock
+    (``state.RunLockNeeded``), the transaction is rolled back and run again with it.
     """
+    if not _may_share(successes, continuation):
+        return _complete_many(successes, follow, continuation, shared=False)
+    before = [(s.step.status, s.step.output) for s in successes]
+    try:
+        return _complete_many(successes, follow, continuation, shared=True)
+    except state.RunLockNeeded:
+        for success, (status, output) in zip(successes, before, strict=True):
+            success.step.status, success.step.output = status, output
+        return _complete_many(successes, follow, continuation, shared=False)
+
+
+def _may_share(successes: list[state.Success], continuation: Any) -> bool:
+    """Whether a completion may take the run's lock shared (state.py, "Shared completions"): one
+    top-level step with dependents, no concurrency slot to free, no steps to append, not inside a
+    caller's transaction, PostgreSQL (SQLite has one writer at a time)."""
+    if len(successes) != 1 or continuation is not None or not sql.is_postgresql():
+        return False
+    if transaction.get_connection().in_atomic_block:  # a caller's transaction: its locks are its own
+        return False
+    step = successes[0].step
+    return step.parent_id is None and bool(step.dependents) and not step.spec.get("concurrency")
+
+
+def _complete_many(
+    successes: list[state.Success], follow: tuple[str, str] | None, continuation: Any, *, shared: bool
+) -> tuple[list[str], state.Claim | None]:
+    """:func:`complete_many`'s transaction, with the run's lock ``shared`` or exclusive."""
     run = successes[0].step.run
     with transaction.atomic():
         # the run's lock, then each step's, attempt's and trace's rows and its dependents'
@@ -154,7 +185,8 @@ def complete_many(
         results: list[str] = []
         done: list[Step] = []
         ready_by: dict[int, list[Step]] = {}
-        for success, (closed, ready) in zip(successes, state.close_successes(run.pk, items), strict=True):
+        closes = state.close_successes(run.pk, items, shared=shared)
+        for success, (closed, ready) in zip(successes, closes, strict=True):
             if not closed:
                 results.append(refuse(success.step, success.token, success.duration_ms))
                 continue
@@ -167,7 +199,7 @@ def complete_many(
         batch = state.Batch()
         if continuation is not None:
             append.continue_run(done[0], continuation, batch)
-        cascade.Cascade(run, batch).finished(done, ready=ready_by)
+        cascade.Cascade(run, batch, shared=shared).finished(done, ready=ready_by)
         for step in done:
             lifecycle.wake_on_commit(gate.release_step(step))  # its concurrency slot, if it holds one
         # a fresh time: the decrement may have waited for another completion of a shared

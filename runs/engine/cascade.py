@@ -42,9 +42,12 @@ def is_external(spec: dict[str, Any]) -> bool:
 class Cascade:
     """Propagates finished steps through the DAG inside the current transaction (see the module)."""
 
-    def __init__(self, run: Run, batch: state.Batch):
+    def __init__(self, run: Run, batch: state.Batch, *, shared: bool = False):
         self.run = run
         self.batch = batch
+        # the transaction holds the run's lock shared (state.py, "Shared completions"): it may
+        # only queue steps, anything more raises state.RunLockNeeded
+        self.shared = shared
         self.leaf_finished = False
         # {step_id: {"status", "output"}} of top-level steps finished in this transaction: their
         # dependents' trigger rules need not read them back (a chain link reads nothing)
@@ -87,6 +90,7 @@ class Cascade:
                 # a large map: queued like any step, its children inserted by a worker in batches
                 # (worker.expand_claimed), outside this transaction (an API request, or a
                 # completion holding the run's lock)
+                self._exclusive(f"step '{step.step_id}' stages its items")
                 state.stage_items(step, [item for _spec, item in children])
             if step.type in INLINE_TYPES:
                 from templates_app.expressions import evaluate
@@ -164,6 +168,7 @@ class Cascade:
     def _finish_inline(
         self, step: Step, status: str, *, output: Any = None, error: str = "", message: str, kind: str = TraceKind.STATE
     ) -> Step | None:
+        self._exclusive(f"step '{step.step_id}' finishes in the cascade")
         if not state.finish_inline(step, status, output=output, error=error):
             return None
         self.batch.trace(self.run.pk, kind, f"step '{step.step_id}' {message}", step_pk=step.pk)
@@ -191,6 +196,7 @@ class Cascade:
 
     def _expand(self, step: Step, children_specs: list[tuple[dict[str, Any], Any]]) -> Step | None:
         """Insert one child row per for_each item or parallel branch; the parent waits on them."""
+        self._exclusive(f"step '{step.step_id}' expands")
         if not children_specs:
             return self._finish_inline(step, StepStatus.SUCCEEDED, output=[], message="mapped over 0 items")
         child_ids = state.expand(step, child_rows(step, children_specs))
@@ -217,6 +223,7 @@ class Cascade:
         while queue:
             step = queue.pop(0)
             if step.parent_id is not None:
+                self._exclusive("a map child finished")
                 # 0: a sibling given with it counted it already
                 count = counts.pop(step.parent_id, 0) if id(step) in given else 1
                 parent_done = self._child_finished(step, count) if count else None
@@ -235,7 +242,14 @@ class Cascade:
                     if outcome is not None:
                         queue.append(outcome)
         if self.leaf_finished:
+            self._exclusive("a leaf finished")
             maybe_finish_run(self.run, self.batch)
+
+    def _exclusive(self, why: str) -> None:
+        """Raise state.RunLockNeeded (``why``) in a shared completion: what comes next needs the
+        run's exclusive lock."""
+        if self.shared:
+            raise state.RunLockNeeded(why)
 
     def _child_finished(self, child: Step, count: int = 1) -> Step | None:
         """Count ``count`` map children (``child`` and its siblings finished with it) down on

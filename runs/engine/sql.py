@@ -653,7 +653,9 @@ class Close:
     decrement: bool
 
 
-def close_successes(run_id: Any, closes: Sequence[Close], now: datetime) -> list[tuple[bool, list[Step] | None]]:
+def close_successes(
+    run_id: Any, closes: Sequence[Close], now: datetime, *, shared: bool = False
+) -> list[tuple[bool, list[Step] | None]]:
     """Record successful attempts of steps of run ``run_id``: each step succeeded (output,
     input), its Attempt row closed, its trace inserted, and with ``decrement`` its dependents'
     counters counted down (:func:`decrement_dependents`).
@@ -669,11 +671,16 @@ def close_successes(run_id: Any, closes: Sequence[Close], now: datetime) -> list
     before closed this attempt (its Attempt row, found by lease token, is now ``succeeded``). A
     completion used to take four round trips for the same writes; a group of completions
     (worker.Group) shares the lock, the round trip and the commit.
+
+    ``shared``: the run's lock is ``FOR SHARE`` instead, which other shared completions hold at
+    the same time and every writer of the exclusive one waits for (runs/engine/state.py, "Shared
+    completions"). SQLite has one writer at a time and ignores it.
     """
     if not is_postgresql():
         Run.objects.select_for_update(no_key=True).filter(pk=run_id).values_list("pk").first()
         return [_close_orm(close, now) for close in closes]
-    lock = f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR NO KEY UPDATE"
+    mode = "SHARE" if shared else "NO KEY UPDATE"
+    lock = f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR {mode}"
     statements: list[tuple[str, Sequence[Any]]] = [(lock, [run_id])]
     where: list[tuple[int, int | None]] = []  # per item: index of its close, of its decrement
     for close in closes:

@@ -14,6 +14,20 @@ foreign key check), which NO KEY UPDATE does not block, so claims and traces of 
 on while a completion holds its run. Two statements take no run lock and need none: a claim
 (one step row, its own short transaction) and the sweeper's moves of waiting steps (rows taken
 with SKIP LOCKED, which never waits).
+
+Shared completions. One kind of transaction takes the run's lock ``FOR SHARE`` instead: the
+completion of a single top-level step that has dependents, no concurrency slot and no
+continuation, whose cascade only queues the dependents it makes ready
+(``attempts.complete_many``). Such completions of one run hold the lock at the same time; every
+other writer still waits for them, and they for it (``FOR SHARE`` conflicts with ``NO KEY
+UPDATE``). They cannot wait for each other in a circle: each one locks its own step, then its
+dependents in id order in one statement, and the dependents it queues and claims are among
+those; no step it locks is another one's own step (a running step's dependents are all pending).
+A shared completion never finishes the run, since the dependents it counted down are left
+pending or queued, so the check for the run's end stays serialized. When its cascade finds more
+to do (a skip, a condition, an expansion, a failed expression: anything that finishes or
+expands a step), it raises ``RunLockNeeded``; the transaction rolls back and runs again with the
+exclusive lock. Measured: W3 (lattice) 10 % faster, same hour (README, Performance).
 """
 
 from __future__ import annotations
@@ -53,6 +67,12 @@ def one_line(text: str, limit: int = 2000) -> str:
 def lock_run(run_id: Any) -> Run | None:
     """Lock the run row (first lock of every status-writing transaction). None: it is gone."""
     return sql.lock_run(run_id)
+
+
+class RunLockNeeded(Exception):
+    """Raised in a shared completion (module docstring, "Shared completions") whose cascade
+    must do more than queue steps; its caller rolls the transaction back and runs it again
+    with the run's exclusive lock."""
 
 
 def finish_check(run_id: Any) -> tuple[Run | None, bool, list[dict[str, Any]], Any]:
@@ -530,12 +550,15 @@ class Success:
     duration_ms: int
 
 
-def close_successes(run_id: Any, items: list[tuple[Success, bool]]) -> list[tuple[bool, list[Step] | None]]:
+def close_successes(
+    run_id: Any, items: list[tuple[Success, bool]], *, shared: bool = False
+) -> list[tuple[bool, list[Step] | None]]:
     """Each ``(success, decrement)``: ``running`` -> ``succeeded`` with its attempt closed and
     its "succeeded" trace written, only while the lease is the success's token; with
     ``decrement``, its dependents counted down too. All steps are of run ``run_id``.
 
-    Locks the run first (same round trip: ``sql.close_successes``). Per item, ``(False, None)``
+    Locks the run first (same round trip: ``sql.close_successes``; ``shared``: the shared lock,
+    see "Shared completions" above). Per item, ``(False, None)``
     when the lease was taken over or the step was cancelled (nothing of it is written), else
     ``(True, ready)``: the dependents that reached zero (None without ``decrement``). Updates
     each closed step in place.
@@ -553,7 +576,7 @@ def close_successes(run_id: Any, items: list[tuple[Success, bool]]) -> list[tupl
         )
         for success, decrement in items
     ]
-    results = sql.close_successes(run_id, closes, at)
+    results = sql.close_successes(run_id, closes, at, shared=shared)
     for (success, _), (ok, _ready) in zip(items, results, strict=True):
         if ok:
             success.step.status, success.step.output = StepStatus.SUCCEEDED, success.output
