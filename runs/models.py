@@ -142,7 +142,11 @@ class Step(models.Model):
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
     step_id = models.CharField(max_length=255)
-    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children")
+    # indexed for map children only (Meta.indexes, step_parent_idx): an index that also held
+    # every top-level step was a plan for "parent_id IS NULL" that reads the whole table
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children", db_index=False
+    )
     map_index = models.PositiveIntegerField(null=True, blank=True)
     type = models.CharField(max_length=32)
     status = models.CharField(max_length=16, choices=StepStatus.choices, default=StepStatus.PENDING)
@@ -176,6 +180,8 @@ class Step(models.Model):
         indexes = [
             # run detail, progress and the "anything left?" check at a run's end
             models.Index(fields=["run", "status"], name="step_run_status_idx"),
+            # a map step's children; top-level steps (parent NULL) are found by run
+            models.Index(fields=["parent"], condition=Q(parent__isnull=False), name="step_parent_idx"),
             # the sweeper: retries that are due
             models.Index(fields=["next_attempt_at"], condition=Q(status="retry_wait"), name="step_retry_due_idx"),
             # the sweeper: leases that expired (worker killed or stalled)
