@@ -53,13 +53,14 @@ class ShareHolder:
         self.conn.close()
 
 
-def _waiting_for_a_lock(timeout: float = 10.0) -> bool:
-    """Whether a session of this database waits for a lock within ``timeout`` seconds."""
+def _blocked_by(holder: ShareHolder, timeout: float = 10.0) -> bool:
+    """Whether a session waits for a lock ``holder`` holds, within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     with connection.cursor() as cursor:
         while time.monotonic() < deadline:
             cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                [holder.conn.info.backend_pid],
             )
             if cursor.fetchone()[0]:
                 return True
@@ -91,7 +92,7 @@ def test_a_completion_with_dependents_does_not_wait_for_another_one_in_flight(po
         thread.start()
         # Then: a's completion went through while the other held the run; a2's (a leaf's: it
         # checks whether the run is over) waits for it
-        assert _waiting_for_a_lock()
+        assert _blocked_by(holder)
         assert run.steps.get(step_id="a").status == "succeeded"
         assert run.steps.get(step_id="a2").status == "running"
         assert not done
