@@ -250,11 +250,11 @@ def _round_trips(run_chain) -> int:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_chain_step_continued_inline_costs_two_round_trips(sends):
-    """Each further step of an inline chain costs two waits on PostgreSQL: the completion (its
-    BEGIN, the run's lock, the close and the decrement) and the claim of the next step (with the
-    transaction's traces and its COMMIT). psycopg alone would add a BEGIN and a COMMIT of their
-    own (``sql._begin``, ``sql.may_commit``)."""
+def test_a_chain_step_continued_inline_costs_one_round_trip(sends):
+    """Each further step of an inline chain costs one wait on PostgreSQL: the completion (its
+    BEGIN, the run's lock, the close, the decrement) with the next step's claim, its traces and
+    the COMMIT (``sql.FastClaim``). It was two before the fast claim (the claim, traces and
+    COMMIT after the cascade), four before that (psycopg's own BEGIN and COMMIT)."""
     from django.db import connection
 
     if connection.vendor != "postgresql":
@@ -271,14 +271,15 @@ def test_a_chain_step_continued_inline_costs_two_round_trips(sends):
         return trips
 
     chain(2)  # statements prepared, caches warm
-    assert chain(6) - chain(3) == 3 * 2
+    assert chain(6) - chain(3) == 3 * 1
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_completion_and_a_new_run_commit_in_their_last_round_trip(sends):
-    """A completion that makes no step ready costs two waits (the close, then the COMMIT with
-    whatever the cascade wrote); starting a run costs three (its BEGIN and both INSERTs, the
-    concurrent-run limits, the root steps queued and traced with the COMMIT)."""
+    """A completion that makes no step ready costs one wait (the close and decrement with the
+    COMMIT: nothing is left for the cascade, ``sql.FastClaim``); starting a run costs three (its
+    BEGIN and both INSERTs, the concurrent-run limits, the root steps queued and traced with the
+    COMMIT)."""
     from django.db import connection
 
     if connection.vendor != "postgresql":
@@ -294,7 +295,7 @@ def test_a_completion_and_a_new_run_commit_in_their_last_round_trip(sends):
     a = runs[0].steps.get(step_id="a")
     # the claim (its own transaction: one statement), then the completion, which makes nothing
     # ready (c waits for b)
-    assert _round_trips(lambda: engine.execute_step(a.pk, worker="test@host:1", task_id="t1")) == 1 + 2
+    assert _round_trips(lambda: engine.execute_step(a.pk, worker="test@host:1", task_id="t1")) == 1 + 1
     assert runs[0].steps.get(step_id="c").status == "pending"
     assert Trace.objects.filter(step_row=a, message__startswith="step 'a' succeeded").count() == 1
 

@@ -116,9 +116,9 @@ def test_a_shared_completion_whose_cascade_finishes_a_step_runs_again_exclusivel
     # When: a completes
     real, modes = state.close_successes, []
 
-    def close_successes(run_id, items, *, shared=False):
+    def close_successes(run_id, items, *, shared=False, **kwargs):
         modes.append(shared)
-        return real(run_id, items, shared=shared)
+        return real(run_id, items, shared=shared, **kwargs)
 
     with mock.patch.object(state, "close_successes", close_successes):
         assert engine.execute_step(a.pk, worker=WORKER, task_id="t1") == "succeeded"

@@ -185,7 +185,10 @@ def _complete_many(
         results: list[str] = []
         done: list[Step] = []
         ready_by: dict[int, list[Step]] = {}
-        closes = state.close_successes(run.pk, items, shared=shared)
+        # a chain's next step claimed, and the transaction committed, in the first round trip
+        # when there is nothing for the cascade to decide (sql.FastClaim)
+        fast = state.fast_claim(*follow, state.now(), cascade.PLAIN_STEP_SQL) if shared and follow else None
+        closes = state.close_successes(run.pk, items, shared=shared, fast=fast)
         for success, (closed, ready) in zip(successes, closes, strict=True):
             if not closed:
                 results.append(refuse(success.step, success.token, success.duration_ms))
@@ -196,6 +199,8 @@ def _complete_many(
                 ready_by[success.step.pk] = ready
         if not done:
             return results, None
+        if fast is not None and fast.committed:
+            return results, _claimed_fast(fast, ready_by[done[0].pk], run)
         batch = state.Batch()
         if continuation is not None:
             append.continue_run(done[0], continuation, batch)
@@ -247,6 +252,24 @@ def claim_inline(batch: state.Batch, run: Run, at: Any, worker: str, task_id: st
         return None
     step, run, begun = claimed
     started = state.Claim(step, run, token, at) if begun else begin(step, run, token, at, worker, task_id, batch)
+    return started if isinstance(started, state.Claim) else None
+
+
+def _claimed_fast(fast: Any, ready: list[Step], run: Run) -> state.Claim | None:
+    """The step a completion's first round trip claimed (``sql.FastClaim``, committed), as
+    :func:`claim_inline` returns it; ``ready``: what the decrement returned (the one step when
+    one was claimed). A claimed step not begun (its run ended: the run's shared lock makes
+    that impossible) is begun or handed back as :func:`claim_inline` does, in a transaction of
+    its own."""
+    if fast.row is None:
+        return None
+    step, run, begun = sql.apply_claim(fast.row, ready[0], run)
+    at = step.started_at or fast.now  # the claim's time (not before its upstream steps finished)
+    if begun:
+        return state.Claim(step, run, fast.token, at)
+    batch = state.Batch()
+    started = begin(step, run, fast.token, at, fast.worker, fast.task_id, batch)
+    batch.flush(priority=run.priority)
     return started if isinstance(started, state.Claim) else None
 
 

@@ -30,6 +30,29 @@ from .context import build_context
 INLINE_TYPES = frozenset({"condition"})
 #: Step types expanded into child rows (like a for_each) when they become ready.
 GROUP_TYPES = frozenset({"parallel"})
+#: Spec keys that make the cascade evaluate a ready step (``_decide_one``), gate it
+#: (``gate.gated``) or leave it to an external executor (``is_external``).
+DECIDING_KEYS = ("when", "for_each", "branch_of", "rate_limit", "concurrency", "queue")
+
+
+def _plain_step_sql() -> str:
+    absent = " AND ".join(f"COALESCE(jsonb_typeof(ready.spec -> '{key}'), 'null') = 'null'" for key in DECIDING_KEYS)
+    types = ", ".join(f"'{t}'" for t in sorted(GROUP_TYPES | INLINE_TYPES))
+    return (
+        f"ready.type NOT IN ({types}) AND {absent} "
+        "AND COALESCE(ready.spec ->> 'trigger_rule', 'all_success') = 'all_success' "
+        "AND jsonb_array_length(ready.depends_on) = 1"
+    )
+
+
+#: SQL over a ready top-level step's columns (``ready``: type, spec, depends_on): true only for
+#: a chain link this cascade would queue with nothing to evaluate and the inline claim would
+#: take: not a group or inline type, none of DECIDING_KEYS, the trigger rule all_success, and
+#: one upstream step (the one whose completion made it ready, succeeded: ``_trigger_rule_blocks``'
+#: fast path). The fast chain claim (runs/engine/sql.py ``FastClaim``) claims such a step
+#: itself; any other step, it leaves to the cascade. Where the two could differ, it says no (a
+#: ``branch_of: {}`` the cascade ignores, say): the cascade then decides as always.
+PLAIN_STEP_SQL = _plain_step_sql()
 
 
 def is_external(spec: dict[str, Any]) -> bool:

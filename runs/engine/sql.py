@@ -64,11 +64,13 @@ from ..models import Attempt, Run, Step, Trace
 __all__ = [
     "RUN_LOCK_FIELDS",
     "claim_and_begin",
+    "apply_claim",
     "Close",
     "close_successes",
     "decrement_dependents",
     "decrement_parent",
     "exists",
+    "FastClaim",
     "finish_check",
     "finish_run",
     "insert",
@@ -80,8 +82,11 @@ __all__ = [
 
 
 def _run(
-    statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any]]], *, commit: bool = False
-) -> list[list[tuple[Any, ...]]]:
+    statements: Sequence[tuple[str, Sequence[Any] | Mapping[str, Any] | None]],
+    *,
+    commit: bool = False,
+    decline: int | None = None,
+) -> list[list[tuple[Any, ...]] | None]:
     """Execute ``statements`` (SQL with ``%s`` or ``%(name)s`` placeholders, parameters) in the caller's
     transaction, in one network round trip; return each one's rows (``[]`` when it returns none).
 
@@ -96,6 +101,13 @@ def _run(
     When these statements start the caller's transaction, its BEGIN goes in the same round trip
     (:func:`_begin`). ``commit``: the transaction's COMMIT goes in it too, last; only for a
     caller that writes nothing after (:func:`may_commit` says whether it may).
+
+    ``decline``: the index of a statement that may fail with a division by zero on purpose (the
+    fast chain claim's check, :func:`_fast_check`; never prepared), after a ``SAVEPOINT
+    fast_claim`` among the statements before it. Its failure skips it and what follows (the
+    COMMIT too): the transaction is rolled back to the savepoint and goes on, and its rows and
+    the later ones come back as None. The ROLLBACK TO goes through libpq directly: psycopg
+    forgets every prepared statement when it sees a command named ROLLBACK pass.
     """
     import psycopg
 
@@ -105,17 +117,38 @@ def _run(
     pipelined = psycopg.Pipeline.is_supported()
     begin = _begin(raw) if pipelined else None
     around = [*([(begin, None)] if begin else []), *statements, *([("COMMIT", None)] if commit else [])]
+    skipped = len(around)  # the statements from this index on did not run (a declined one)
+    at = -1 if decline is None else decline + (1 if begin else 0)  # the declinable one, in ``around``
     with connection.wrap_database_errors:
         cursors = [psycopg.Cursor(raw) for _ in around]
-        if len(around) > 1 and pipelined:
-            with raw.pipeline():
-                for cursor, (sql, params) in zip(cursors, around, strict=True):
-                    cursor.execute(sql, params, prepare=prepare and params is not None)  # not BEGIN, COMMIT
-        else:
-            for cursor, (sql, params) in zip(cursors, around, strict=True):
-                cursor.execute(sql, params, prepare=prepare and params is not None)
+        declined = (psycopg.errors.DivisionByZero, psycopg.errors.PipelineAborted) if decline is not None else ()
+        caught: Exception | None = None
+        try:
+            if len(around) > 1 and pipelined:
+                with raw.pipeline():
+                    for i, (cursor, (sql, params)) in enumerate(zip(cursors, around, strict=True)):
+                        try:  # not BEGIN, COMMIT, a declinable check
+                            cursor.execute(sql, params, prepare=prepare and params is not None and i != at)
+                        except declined as exc:  # the server skips the rest; leave the block quietly
+                            caught = exc
+                            break
+            else:
+                for i, (cursor, (sql, params)) in enumerate(zip(cursors, around, strict=True)):
+                    cursor.execute(sql, params, prepare=prepare and params is not None and i != at)
+        except declined as exc:
+            caught = exc
+        if caught is not None:
+            if not all(_ran(cursor) for cursor in cursors[:at]):  # not the declined statement's
+                raise caught
+            result = raw.pgconn.exec_(b"ROLLBACK TO SAVEPOINT fast_claim")
+            if result.status != _COMMAND_OK:
+                raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+            skipped = at
         # the result's status, not ``description``: that builds a Column object per column
-        rows = [cursor.fetchall() if _has_rows(cursor) else [] for cursor in cursors]
+        rows = [
+            (cursor.fetchall() if _has_rows(cursor) else []) if i < skipped else None
+            for i, cursor in enumerate(cursors)
+        ]
         for cursor in cursors:
             cursor.close()
     return rows[1 : len(statements) + 1] if begin else rows[: len(statements)]
@@ -151,11 +184,12 @@ def _begin(raw: Any) -> str | None:
     return " ".join(parts)
 
 
-def may_commit() -> bool:
+def may_commit(starting: bool = False) -> bool:
     """Whether the caller's transaction may be committed by :func:`_run` (``commit``): PostgreSQL
     in pipeline mode, Django's outermost atomic block (no enclosing transaction, no savepoint),
     nothing marked for rollback. Django's COMMIT at the block's exit is then a no-op (psycopg
-    sends none outside a transaction), and its on-commit callbacks run there as always."""
+    sends none outside a transaction), and its on-commit callbacks run there as always.
+    ``starting``: the round trip asked about also starts the transaction (:func:`_begin`)."""
     if not is_postgresql() or not connection.in_atomic_block or not connection.commit_on_exit:
         return False
     if connection.connection is None:
@@ -168,7 +202,8 @@ def may_commit() -> bool:
         and not connection.savepoint_ids
         and not connection.needs_rollback
         and psycopg.Pipeline.is_supported()
-        and connection.connection.pgconn.transaction_status == TransactionStatus.INTRANS  # not committed yet
+        and connection.connection.pgconn.transaction_status
+        in ((TransactionStatus.INTRANS, TransactionStatus.IDLE) if starting else (TransactionStatus.INTRANS,))
     )
 
 
@@ -177,7 +212,13 @@ def _has_rows(cursor: Any) -> bool:
     return result is not None and result.status == _TUPLES_OK
 
 
-_TUPLES_OK = 2  # psycopg.pq.ExecStatus.TUPLES_OK (libpq's PGRES_TUPLES_OK)
+def _ran(cursor: Any) -> bool:
+    """Whether the cursor's statement ran without error (a result of a successful status)."""
+    result = cursor.pgresult
+    return result is not None and result.status in (_COMMAND_OK, _TUPLES_OK)
+
+
+_COMMAND_OK, _TUPLES_OK = 1, 2  # psycopg.pq.ExecStatus (libpq's PGRES_COMMAND_OK, PGRES_TUPLES_OK)
 
 
 def is_postgresql() -> bool:
@@ -383,6 +424,8 @@ def _insert_select(model: type[Model], exprs: dict[str, tuple[str, list[Any]]]) 
 
 #: The "running" trace message, built in SQL: "step '<id>' running (attempt <n>/<max>)".
 _RUNNING_MESSAGE = "'step ''' || c.step_id || ''' running (attempt ' || c.attempts || '/' || c.max_attempts || ')'"
+#: the cascade's trace of a step it decided to run (runs/engine/cascade.py ``_decide_one``)
+_QUEUED_MESSAGE = "'step ''' || c.step_id || ''' queued'"
 
 
 @dataclass(frozen=True)
@@ -402,12 +445,20 @@ def _reuse_fields() -> list[Any]:
 
 @functools.cache
 def _claim_statement(
-    relaxed: bool, known: bool, decided: bool, reuse: bool
+    relaxed: bool, known: bool, decided: bool, reuse: bool, fast: tuple[int, str] | None = None
 ) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
     """:func:`claim_and_begin`'s statement, built once per process: (SQL with named
     placeholders, its constant parameters, step fields, run fields; :func:`_named`). Building
     it per claim was 2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it
-    does not set get their defaults here, once (:func:`_insert_select`)."""
+    does not set get their defaults here, once (:func:`_insert_select`).
+
+    ``fast`` = (number of dependents, the cascade's "plain step" predicate over ``ready``): the
+    chain claim of :func:`close_successes` (:class:`FastClaim`; ``decided`` and ``reuse`` only).
+    The step is not named by the caller: it is the one dependent (``%(name<i>)s``) of the run
+    (``%(run_id)s``) the completion's decrement made ready, when the predicate holds for it;
+    else nothing is claimed, and ``_FAST_CHECK`` then fails (the cascade must decide). One row
+    always (NULLs when nothing was claimed). Its traces are the step's "queued" then "running"
+    (one INSERT, in that order)."""
     from ..choices import RUN_TERMINAL
 
     step_fields = _columns(Step)
@@ -450,14 +501,28 @@ def _claim_statement(
         "worker = %s, next_attempt_at = NULL, started_at = %s"
         + (", queued_at = %s " if decided else " ")
         + f"FROM {run_table} AS r "
-        "WHERE s.id = %s AND r.id = s.run_id AND s.attempts < s.max_attempts "
+        + ("WHERE s.id = (SELECT id FROM pick) " if fast else "WHERE s.id = %s ")
+        + "AND r.id = s.run_id AND s.attempts < s.max_attempts "
         f"AND {claimable[0]} "
         f"RETURNING {claim_returning}"
     )
     claim_params = [
         StepStatus.RUNNING, token, now, _Slot("default_timeout"), _Slot("grace"), worker, now,
-        *([now] if decided else []), _Slot("step_pk"), *claimable[1], *([_Slot("inputs_known")] if known else []),
+        *([now] if decided else []), *([] if fast else [_Slot("step_pk")]), *claimable[1],
+        *([_Slot("inputs_known")] if known else []),
     ]  # fmt: skip
+    pick_sql, pick_params = "", []
+    if fast:
+        arity, plain = fast
+        # the dependents of the completed step that its decrement (earlier in the same
+        # transaction) made ready: one, and plain, or the statement fails (the cascade decides)
+        pick_sql = (
+            f"ready AS (SELECT x.id, x.run_id, x.type, x.spec, x.depends_on FROM {step_table} x "
+            f"WHERE x.run_id = %s AND x.parent_id IS NULL AND x.step_id IN ({', '.join(['%s'] * arity)}) "
+            "AND x.status = %s AND x.pending_deps = 0), "
+            f"pick AS (SELECT CASE WHEN count(*) = 1 AND bool_and({plain}) THEN min(ready.id) END AS id FROM ready), "
+        )
+        pick_params = [_Slot("run_id"), *[_Slot(f"name{i}") for i in range(arity)], StepStatus.PENDING]
     # the same test as gate.gated(): a declaration that is present and not null, on a step that
     # is not a map step (whose declarations are its children's)
     begin_if = (
@@ -485,22 +550,46 @@ def _claim_statement(
         "data": ("jsonb_build_object('worker', %s::text)", [worker]),
         "created_at": ("%s", [now]),
     }
+    trace_from = ""
+    if fast:  # the cascade's "queued" trace (k.n = 1), then the claim's "running" one (k.n = 2)
+        trace_exprs.update(
+            attempt=("CASE k.n WHEN 1 THEN NULL ELSE c.attempts END", []),
+            message=(f"CASE k.n WHEN 1 THEN {_QUEUED_MESSAGE} ELSE {_RUNNING_MESSAGE} END", []),
+            data=("CASE k.n WHEN 1 THEN NULL ELSE jsonb_build_object('worker', %s::text) END", [worker]),
+        )
+        trace_from = " CROSS JOIN (VALUES (1), (2)) AS k(n)"
     attempt_sql, attempt_params = _insert_select(Attempt, attempt_exprs)
     trace_sql, trace_params = _insert_select(Trace, trace_exprs)
     # relaxed: the statement is its own transaction, and set_config(..., true) is that
     # transaction's SET LOCAL (one statement, so it can be prepared)
+    trace_if = begin_if.replace("FROM c ", f"FROM c{trace_from} ", 1) + (" ORDER BY k.n" if fast else "")
+    # fast: one row always (NULLs when nothing was claimed), and the transaction-local setting
+    # _fast_check reads: whether a ready dependent is left for the cascade
+    flag = (
+        ", flag AS (SELECT set_config('orchestrator.fast_claim_left', CASE WHEN (SELECT count(*) FROM ready) "
+        "> (SELECT count(*) FROM c) THEN '1' ELSE '0' END, true) AS v) "
+        if fast
+        else " "
+    )
     sql = (
-        f"WITH c AS ({claim_sql}), "
+        f"WITH {pick_sql}c AS ({claim_sql}), "
         f"a AS ({attempt_sql} {begin_if} RETURNING 1), "
-        f"t AS ({trace_sql} {begin_if} RETURNING 1) "
+        f"t AS ({trace_sql} {trace_if} RETURNING 1){flag}"
         + ("SELECT " + ", ".join(f"c.{f.column}" for f in _reuse_fields()) + ", c.r_status" if reuse else "SELECT c.*")
         + ", (SELECT count(*) FROM a)"
         + (", set_config('synchronous_commit', 'off', true)" if relaxed else "")
-        + " FROM c"
+        + (" FROM flag LEFT JOIN c ON TRUE" if fast else " FROM c")
     )
-    params = claim_params + attempt_params + [terminal] + trace_params + [terminal]
+    params = pick_params + claim_params + attempt_params + [terminal] + trace_params + [terminal]
     sql, constants = _named(sql, params)
     return sql, constants, step_fields, run_fields
+
+
+#: After the fast chain claim: fails (division by zero) when it left a ready dependent for the
+#: cascade (its transaction-local flag), else selects 1. Sent unprepared (``_run``'s
+#: ``decline``): a prepared statement that fails leaves psycopg's cache, and its server-side
+#: copy would stay behind at each failure.
+_FAST_CHECK = "SELECT 1 / (1 - current_setting('orchestrator.fast_claim_left')::int)"
 
 
 def _named(sql: str, params: list[Any]) -> tuple[str, dict[str, Any]]:
@@ -624,13 +713,7 @@ def claim_and_begin(
         return None
     row = rows[0]
     if reuse is not None:
-        step, run = reuse
-        fields = _reuse_fields()
-        for f, value in zip(fields, _values(fields, row[: len(fields)]), strict=True):
-            setattr(step, f.attname, value)
-        run.status = row[len(fields)]
-        step.run = run
-        return step, run, bool(row[len(fields) + 1])
+        return apply_claim(row, *reuse)
     step = _build(Step, step_fields, row[: len(step_fields)])
     run = _build(Run, run_fields, row[len(step_fields) : len(step_fields) + len(run_fields)])
     step.run = run
@@ -653,8 +736,43 @@ class Close:
     decrement: bool
 
 
+def apply_claim(row: tuple[Any, ...], step: Step, run: Run) -> tuple[Step, Run, bool]:
+    """Set what a claim with ``reuse`` returned (``row``: its columns, the run's status, the
+    Attempt count) on the caller's ``step`` and ``run``; returns ``(step, run, begun)``."""
+    fields = _reuse_fields()
+    for f, value in zip(fields, _values(fields, row[: len(fields)]), strict=True):
+        setattr(step, f.attname, value)
+    run.status = row[len(fields)]
+    step.run = run
+    return step, run, bool(row[len(fields) + 1])
+
+
+@dataclass
+class FastClaim:
+    """A completion's request to claim the next step of a chain in its first round trip and to
+    commit there (:func:`close_successes`, ``fast``).
+
+    In: the claim's lease ``token``, its time ``now``, ``worker`` and ``task_id``, the step
+    timeout and lease grace (seconds) as :func:`claim_and_begin` takes them, and ``plain``: the
+    cascade's SQL test of a step it would queue and claim with nothing to evaluate
+    (``cascade.PLAIN_STEP_SQL``, over the columns of ``ready``). Out: ``committed`` (the
+    transaction is over: nothing was ready, or the one ready step was claimed) and ``row``: the
+    claim's row as :func:`claim_and_begin` returns it with ``reuse`` (None: nothing claimed).
+    Not committed: the cascade decides, in the same transaction, as without it."""
+
+    token: uuid.UUID
+    now: datetime
+    worker: str
+    task_id: str
+    default_timeout: float
+    grace: float
+    plain: str
+    committed: bool = False
+    row: tuple[Any, ...] | None = None
+
+
 def close_successes(
-    run_id: Any, closes: Sequence[Close], now: datetime, *, shared: bool = False
+    run_id: Any, closes: Sequence[Close], now: datetime, *, shared: bool = False, fast: FastClaim | None = None
 ) -> list[tuple[bool, list[Step] | None]]:
     """Record successful attempts of steps of run ``run_id``: each step succeeded (output,
     input), its Attempt row closed, its trace inserted, and with ``decrement`` its dependents'
@@ -675,13 +793,19 @@ def close_successes(
     ``shared``: the run's lock is ``FOR SHARE`` instead, which other shared completions hold at
     the same time and every writer of the exclusive one waits for (runs/engine/state.py, "Shared
     completions"). SQLite has one writer at a time and ignores it.
+
+    ``fast`` (one close with its decrement, of a step with one dependent: a chain link; Django's
+    outermost atomic block on PostgreSQL; else ignored): after the decrement, in the same round
+    trip, a savepoint, the fast chain claim (:func:`_claim_statement`, ``fast``), its check and
+    the COMMIT.
+    A chain step then waits on PostgreSQL once instead of twice. See :class:`FastClaim`.
     """
     if not is_postgresql():
         Run.objects.select_for_update(no_key=True).filter(pk=run_id).values_list("pk").first()
         return [_close_orm(close, now) for close in closes]
     mode = "SHARE" if shared else "NO KEY UPDATE"
     lock = f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR {mode}"
-    statements: list[tuple[str, Sequence[Any]]] = [(lock, [run_id])]
+    statements: list[tuple[str, Sequence[Any] | Mapping[str, Any] | None]] = [(lock, [run_id])]
     where: list[tuple[int, int | None]] = []  # per item: index of its close, of its decrement
     for close in closes:
         statements.append(_close_statement(close, now))
@@ -689,7 +813,24 @@ def close_successes(
         if close.decrement:
             statements.append(_decrement_dependents(close.step, close.token))
         where.append((at, len(statements) - 1 if close.decrement else None))
-    rows = _run(statements)
+    names = list(closes[0].step.dependents) if closes else []
+    if fast is not None and not (
+        len(closes) == 1 and closes[0].decrement and len(names) == 1 and may_commit(starting=True)
+    ):  # a chain link: one dependent
+        fast = None
+    if fast is not None:
+        sql, constants, _s, _r = _claim_statement(False, False, True, True, (len(names), fast.plain))
+        params = {
+            **constants,
+            "run_id": run_id, "token": fast.token, "now": fast.now, "worker": fast.worker[:200],
+            "task_id": fast.task_id[:255], "default_timeout": float(fast.default_timeout),
+            "grace": float(fast.grace), **{f"name{i}": name for i, name in enumerate(names)},
+        }  # fmt: skip
+        statements += [("SAVEPOINT fast_claim", None), (sql, params), (_FAST_CHECK, ())]
+    rows = _run(statements, commit=fast is not None, decline=len(statements) - 1 if fast is not None else None)
+    if fast is not None and rows[-1] is not None:
+        claimed = rows[-2][0]
+        fast.committed, fast.row = True, (claimed if claimed[0] is not None else None)
     out: list[tuple[bool, list[Step] | None]] = []
     for at, decremented in where:
         if not rows[at][0][0]:

@@ -466,6 +466,14 @@ def claim(
     return claimed
 
 
+def fast_claim(worker: str, task_id: str, at: datetime, plain: str) -> sql.FastClaim:
+    """A request to claim the next step of a chain in a completion's first round trip
+    (``sql.FastClaim``), with a new lease token and the timeouts :func:`claim` uses."""
+    from orchestrator_site.conf import conf
+
+    return sql.FastClaim(uuid.uuid4(), at, worker[:200], task_id, conf.default_step_timeout, conf.lease_grace, plain)
+
+
 def begin(step: Step, run: Run, token: uuid.UUID, at: datetime, worker: str, task_id: str) -> None:
     """Write the Attempt row of a claimed step (the claim's SQL did not: gated step or ORM path)."""
     sql.insert(
@@ -551,14 +559,15 @@ class Success:
 
 
 def close_successes(
-    run_id: Any, items: list[tuple[Success, bool]], *, shared: bool = False
+    run_id: Any, items: list[tuple[Success, bool]], *, shared: bool = False, fast: sql.FastClaim | None = None
 ) -> list[tuple[bool, list[Step] | None]]:
     """Each ``(success, decrement)``: ``running`` -> ``succeeded`` with its attempt closed and
     its "succeeded" trace written, only while the lease is the success's token; with
     ``decrement``, its dependents counted down too. All steps are of run ``run_id``.
 
     Locks the run first (same round trip: ``sql.close_successes``; ``shared``: the shared lock,
-    see "Shared completions" above). Per item, ``(False, None)``
+    see "Shared completions" above; ``fast``: the next step of a chain claimed and the
+    transaction committed in that round trip, see ``sql.FastClaim``). Per item, ``(False, None)``
     when the lease was taken over or the step was cancelled (nothing of it is written), else
     ``(True, ready)``: the dependents that reached zero (None without ``decrement``). Updates
     each closed step in place.
@@ -576,7 +585,9 @@ def close_successes(
         )
         for success, decrement in items
     ]
-    results = sql.close_successes(run_id, closes, at, shared=shared)
+    if fast is not None:  # the next step starts when this one finished
+        fast.now = at
+    results = sql.close_successes(run_id, closes, at, shared=shared, fast=fast)
     for (success, _), (ok, _ready) in zip(items, results, strict=True):
         if ok:
             success.step.status, success.step.output = StepStatus.SUCCEEDED, success.output
