@@ -255,7 +255,7 @@ def claim_inline(batch: state.Batch, run: Run, at: Any, worker: str, task_id: st
     return started if isinstance(started, state.Claim) else None
 
 
-def _claimed_fast(fast: Any, ready: list[Step], run: Run) -> state.Claim | None:
+def _claimed_fast(fast: sql.FastClaim, ready: list[Step], run: Run) -> state.Claim | None:
     """The step a completion's first round trip claimed (``sql.FastClaim``, committed), as
     :func:`claim_inline` returns it; ``ready``: what the decrement returned (the one step when
     one was claimed). A claimed step not begun (its run ended: the run's shared lock makes

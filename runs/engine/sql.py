@@ -103,7 +103,7 @@ def _run(
     caller that writes nothing after (:func:`may_commit` says whether it may).
 
     ``decline``: the index of a statement that may fail with a division by zero on purpose (the
-    fast chain claim's check, :func:`_fast_check`; never prepared), after a ``SAVEPOINT
+    fast chain claim's check, ``_FAST_CHECK``; never prepared), after a ``SAVEPOINT
     fast_claim`` among the statements before it. Its failure skips it and what follows (the
     COMMIT too): the transaction is rolled back to the savepoint and goes on, and its rows and
     the later ones come back as None. The ROLLBACK TO goes through libpq directly: psycopg
@@ -515,7 +515,7 @@ def _claim_statement(
     if fast:
         arity, plain = fast
         # the dependents of the completed step that its decrement (earlier in the same
-        # transaction) made ready: one, and plain, or the statement fails (the cascade decides)
+        # transaction) made ready: the one claimed when it is alone and plain
         pick_sql = (
             f"ready AS (SELECT x.id, x.run_id, x.type, x.spec, x.depends_on FROM {step_table} x "
             f"WHERE x.run_id = %s AND x.parent_id IS NULL AND x.step_id IN ({', '.join(['%s'] * arity)}) "
@@ -560,17 +560,17 @@ def _claim_statement(
         trace_from = " CROSS JOIN (VALUES (1), (2)) AS k(n)"
     attempt_sql, attempt_params = _insert_select(Attempt, attempt_exprs)
     trace_sql, trace_params = _insert_select(Trace, trace_exprs)
-    # relaxed: the statement is its own transaction, and set_config(..., true) is that
-    # transaction's SET LOCAL (one statement, so it can be prepared)
     trace_if = begin_if.replace("FROM c ", f"FROM c{trace_from} ", 1) + (" ORDER BY k.n" if fast else "")
     # fast: one row always (NULLs when nothing was claimed), and the transaction-local setting
-    # _fast_check reads: whether a ready dependent is left for the cascade
+    # _FAST_CHECK reads: whether a ready dependent is left for the cascade
     flag = (
         ", flag AS (SELECT set_config('orchestrator.fast_claim_left', CASE WHEN (SELECT count(*) FROM ready) "
         "> (SELECT count(*) FROM c) THEN '1' ELSE '0' END, true) AS v) "
         if fast
         else " "
     )
+    # relaxed: the statement is its own transaction, and set_config(..., true) is that
+    # transaction's SET LOCAL (one statement, so it can be prepared)
     sql = (
         f"WITH {pick_sql}c AS ({claim_sql}), "
         f"a AS ({attempt_sql} {begin_if} RETURNING 1), "
