@@ -187,7 +187,7 @@ def _complete_many(
         ready_by: dict[int, list[Step]] = {}
         # a chain's next step claimed, and the transaction committed, in the first round trip
         # when there is nothing for the cascade to decide (sql.FastClaim)
-        fast = state.fast_claim(*follow, state.now(), cascade.PLAIN_STEP_SQL) if shared and follow else None
+        fast = state.fast_claim(*follow, cascade.PLAIN_STEP_SQL) if shared and follow else None
         closes = state.close_successes(run.pk, items, shared=shared, fast=fast)
         for success, (closed, ready) in zip(successes, closes, strict=True):
             if not closed:
@@ -264,7 +264,7 @@ def _claimed_fast(fast: sql.FastClaim, ready: list[Step], run: Run) -> state.Cla
     if fast.row is None:
         return None
     step, run, begun = sql.apply_claim(fast.row, ready[0], run)
-    at = step.started_at or fast.now  # the claim's time (not before its upstream steps finished)
+    at = step.started_at or fast.now  # the claim's time: the close's
     if begun:
         return state.Claim(step, run, fast.token, at)
     batch = state.Batch()

@@ -445,17 +445,17 @@ def _reuse_fields() -> list[Any]:
 
 @functools.cache
 def _claim_statement(
-    relaxed: bool, known: bool, decided: bool, reuse: bool, fast: tuple[int, str] | None = None
+    relaxed: bool, known: bool, decided: bool, reuse: bool, fast: str | None = None
 ) -> tuple[str, dict[str, Any], list[Any], list[Any]]:
     """:func:`claim_and_begin`'s statement, built once per process: (SQL with named
     placeholders, its constant parameters, step fields, run fields; :func:`_named`). Building
     it per claim was 2 % of a worker's CPU (py-spy, bench W6). The Attempt and Trace columns it
     does not set get their defaults here, once (:func:`_insert_select`).
 
-    ``fast`` = (number of dependents, the cascade's "plain step" predicate over ``ready``): the
-    chain claim of :func:`close_successes` (:class:`FastClaim`; ``decided`` and ``reuse`` only).
-    The step is not named by the caller: it is the one dependent (``%(name<i>)s``) of the run
-    (``%(run_id)s``) the completion's decrement made ready, when the predicate holds for it;
+    ``fast`` = the cascade's "plain step" predicate over ``ready``: the chain claim of
+    :func:`close_successes` (:class:`FastClaim`; ``decided`` and ``reuse`` only). The step is
+    not named by the caller: it is the completed step's one dependent (``%(dependent)s``) of the
+    run (``%(run_id)s``), when its decrement made it ready and the predicate holds for it;
     else nothing is claimed, and ``_FAST_CHECK`` then fails (the cascade must decide). One row
     always (NULLs when nothing was claimed). Its traces are the step's "queued" then "running"
     (one INSERT, in that order)."""
@@ -513,16 +513,15 @@ def _claim_statement(
     ]  # fmt: skip
     pick_sql, pick_params = "", []
     if fast:
-        arity, plain = fast
-        # the dependents of the completed step that its decrement (earlier in the same
-        # transaction) made ready: the one claimed when it is alone and plain
+        # the completed step's dependent, when its decrement (earlier in the same transaction)
+        # made it ready: claimed when it is plain
         pick_sql = (
             f"ready AS (SELECT x.id, x.run_id, x.type, x.spec, x.depends_on FROM {step_table} x "
-            f"WHERE x.run_id = %s AND x.parent_id IS NULL AND x.step_id IN ({', '.join(['%s'] * arity)}) "
+            "WHERE x.run_id = %s AND x.parent_id IS NULL AND x.step_id = %s "
             "AND x.status = %s AND x.pending_deps = 0), "
-            f"pick AS (SELECT CASE WHEN count(*) = 1 AND bool_and({plain}) THEN min(ready.id) END AS id FROM ready), "
+            f"pick AS (SELECT CASE WHEN bool_and({fast}) THEN min(ready.id) END AS id FROM ready), "
         )
-        pick_params = [_Slot("run_id"), *[_Slot(f"name{i}") for i in range(arity)], StepStatus.PENDING]
+        pick_params = [_Slot("run_id"), _Slot("dependent"), StepStatus.PENDING]
     # the same test as gate.gated(): a declaration that is present and not null, on a step that
     # is not a map step (whose declarations are its children's)
     begin_if = (
@@ -752,21 +751,22 @@ class FastClaim:
     """A completion's request to claim the next step of a chain in its first round trip and to
     commit there (:func:`close_successes`, ``fast``).
 
-    In: the claim's lease ``token``, its time ``now``, ``worker`` and ``task_id``, the step
-    timeout and lease grace (seconds) as :func:`claim_and_begin` takes them, and ``plain``: the
-    cascade's SQL test of a step it would queue and claim with nothing to evaluate
-    (``cascade.PLAIN_STEP_SQL``, over the columns of ``ready``). Out: ``committed`` (the
+    In: the claim's lease ``token``, ``worker`` and ``task_id``, the step timeout and lease
+    grace (seconds) as :func:`claim_and_begin` takes them, and ``plain``: the cascade's SQL test
+    of a step it would queue and claim with nothing to evaluate (``cascade.PLAIN_STEP_SQL``, over
+    the columns of ``ready``); ``now``, the claim's time, is the close's (set by
+    ``state.close_successes``: the next step starts when this one finished). Out: ``committed`` (the
     transaction is over: nothing was ready, or the one ready step was claimed) and ``row``: the
     claim's row as :func:`claim_and_begin` returns it with ``reuse`` (None: nothing claimed).
     Not committed: the cascade decides, in the same transaction, as without it."""
 
     token: uuid.UUID
-    now: datetime
     worker: str
     task_id: str
     default_timeout: float
     grace: float
     plain: str
+    now: datetime | None = None
     committed: bool = False
     row: tuple[Any, ...] | None = None
 
@@ -819,12 +819,12 @@ def close_successes(
     ):  # a chain link: one dependent
         fast = None
     if fast is not None:
-        sql, constants, _s, _r = _claim_statement(False, False, True, True, (len(names), fast.plain))
+        sql, constants, _s, _r = _claim_statement(False, False, True, True, fast.plain)
         params = {
             **constants,
             "run_id": run_id, "token": fast.token, "now": fast.now, "worker": fast.worker[:200],
             "task_id": fast.task_id[:255], "default_timeout": float(fast.default_timeout),
-            "grace": float(fast.grace), **{f"name{i}": name for i, name in enumerate(names)},
+            "grace": float(fast.grace), "dependent": names[0],
         }  # fmt: skip
         statements += [("SAVEPOINT fast_claim", None), (sql, params), (_FAST_CHECK, ())]
     rows = _run(statements, commit=fast is not None, decline=len(statements) - 1 if fast is not None else None)

@@ -466,12 +466,12 @@ def claim(
     return claimed
 
 
-def fast_claim(worker: str, task_id: str, at: datetime, plain: str) -> sql.FastClaim:
+def fast_claim(worker: str, task_id: str, plain: str) -> sql.FastClaim:
     """A request to claim the next step of a chain in a completion's first round trip
     (``sql.FastClaim``), with a new lease token and the timeouts :func:`claim` uses."""
     from orchestrator_site.conf import conf
 
-    return sql.FastClaim(uuid.uuid4(), at, worker[:200], task_id, conf.default_step_timeout, conf.lease_grace, plain)
+    return sql.FastClaim(uuid.uuid4(), worker[:200], task_id, conf.default_step_timeout, conf.lease_grace, plain)
 
 
 def begin(step: Step, run: Run, token: uuid.UUID, at: datetime, worker: str, task_id: str) -> None:
